@@ -1,0 +1,117 @@
+"""Reading architecture fields from HF `config.json` and GGUF metadata, with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jft.errors import JftError
+from jft.models.config import RopeConfig
+
+_MISSING = object()
+
+
+@dataclass
+class HFConfig:
+    """A parsed `config.json`; `require` names the file and the field when one is absent."""
+
+    fields: dict[str, Any]
+    source: str
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.fields.get(key, default)
+        return default if value is None else value
+
+    def require(self, key: str) -> Any:
+        value = self.fields.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            raise JftError(f"{self.source}: config field {key!r} is missing")
+        return value
+
+    def token_id(self, name: str) -> int | None:
+        """`bos_token_id` / `eos_token_id`; a list (several stop tokens) gives its first."""
+        value = self.get(f"{name}_token_id")
+        return value[0] if isinstance(value, list) and value else value
+
+    def rope(self, layer_type: str | None = None) -> RopeConfig:
+        """Rope settings: transformers v5 `rope_parameters`, or v4 `rope_theta`/`rope_scaling`."""
+        params = self.fields.get("rope_parameters")
+        if isinstance(params, dict) and layer_type is not None and layer_type in params:
+            params = params[layer_type]
+        if not isinstance(params, dict):
+            params = dict(self.get("rope_scaling", {}))
+            params.setdefault("rope_theta", self.get("rope_theta", 10000.0))
+        return rope_from_fields(params, self.source)
+
+
+def rope_from_fields(params: dict[str, Any], source: str) -> RopeConfig:
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise JftError(
+            f"{source}: rope type {kind!r} is not supported; supported: default, linear, llama3"
+        )
+    fields: dict[str, Any] = {"theta": float(params.get("rope_theta", 10000.0)), "kind": kind}
+    if kind in ("linear", "llama3"):
+        fields["factor"] = float(params["factor"])
+    if kind == "llama3":
+        fields["low_freq_factor"] = float(params.get("low_freq_factor", 1.0))
+        fields["high_freq_factor"] = float(params.get("high_freq_factor", 4.0))
+        fields["original_max_position"] = int(params["original_max_position_embeddings"])
+    return RopeConfig(**fields)
+
+
+@dataclass
+class GGUFMetadata:
+    """GGUF key/values of one architecture; keys are given without the `arch.` prefix."""
+
+    fields: dict[str, Any]
+    architecture: str
+    source: str
+    rope_freq_factors: tuple[float, ...] | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(f"{self.architecture}.{key}", default)
+
+    def require(self, key: str) -> Any:
+        full = f"{self.architecture}.{key}"
+        if full not in self.fields:
+            raise JftError(f"{self.source}: GGUF metadata key {full!r} is missing")
+        return self.fields[full]
+
+    def token_id(self, name: str) -> int | None:
+        value = self.fields.get(f"tokenizer.ggml.{name}_token_id")
+        return None if value is None else int(value)
+
+    def rope(self, theta_key: str = "rope.freq_base", default_theta: float = 10000.0) -> RopeConfig:
+        kind = self.get("rope.scaling.type", "none")
+        theta = float(self.get(theta_key, default_theta))
+        if kind in ("none", None) or self.get("rope.scaling.factor", 1.0) == 1.0:
+            return RopeConfig(theta=theta, freq_factors=self.rope_freq_factors)
+        if kind != "linear":
+            raise JftError(
+                f"{self.source}: GGUF rope scaling {kind!r} is not supported; supported: linear"
+            )
+        factor = float(self.require("rope.scaling.factor"))
+        return RopeConfig(theta=theta, kind="linear", factor=factor,
+                          freq_factors=self.rope_freq_factors)
+
+
+def hf_layer_types(hf: HFConfig, num_layers: int, default: list[str]) -> tuple[str, ...]:
+    """`layer_types` from config.json (`sliding_attention`/`full_attention`), else `default`."""
+    names = hf.get("layer_types") or default
+    mapping = {"sliding_attention": "sliding", "full_attention": "full"}
+    if len(names) != num_layers or any(name not in mapping for name in names):
+        raise JftError(
+            f"{hf.source}: layer_types must list {num_layers} entries of "
+            "'sliding_attention' or 'full_attention'"
+        )
+    return tuple(mapping[name] for name in names)
+
+
+def hf_activation(hf: HFConfig, key: str, default: str) -> str:
+    name = hf.get(key, default)
+    mapping = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "gelu": "gelu"}
+    if name not in mapping:
+        raise JftError(f"{hf.source}: {key}={name!r} is not supported; supported: {list(mapping)}")
+    return mapping[name]

@@ -1,0 +1,340 @@
+"""The forward pass: a pure function over a params pytree, layers stacked and scanned.
+
+Shape letters: B batch, T query length, S key length (the cache size when decoding),
+D embed, N query heads, K kv heads, G = N // K, H head dim, F mlp, V vocab, L layers.
+
+Params (every leaf under `layers` has a leading L axis, see `PARAM_AXES`):
+    embed [V, D], final_norm [D], lm_head [D, V] (untied models only)
+    layers: attn_norm [L, D], q_proj [L, D, N, H], k_proj / v_proj [L, D, K, H],
+            o_proj [L, N, H, D], mlp_norm [L, D], gate_proj / up_proj [L, D, F],
+            down_proj [L, F, D], and per family: q_bias [L, N, H], k_bias / v_bias
+            [L, K, H], o_bias [L, D], gate_bias / up_bias [L, F], down_bias [L, D],
+            q_norm / k_norm [L, H], post_attn_norm / post_mlp_norm [L, D].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jft.models.config import ModelConfig
+from jft.sharding.logical import constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("embed",),
+    "attn_norm": ("layers", "embed"),
+    "q_proj": ("layers", "embed", "heads", "head_dim"),
+    "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+    "o_proj": ("layers", "heads", "head_dim", "embed"),
+    "q_bias": ("layers", "heads", "head_dim"),
+    "k_bias": ("layers", "kv_heads", "head_dim"),
+    "v_bias": ("layers", "kv_heads", "head_dim"),
+    "o_bias": ("layers", "embed"),
+    "q_norm": ("layers", "head_dim"),
+    "k_norm": ("layers", "head_dim"),
+    "post_attn_norm": ("layers", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "post_mlp_norm": ("layers", "embed"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+    "gate_bias": ("layers", "mlp"),
+    "up_bias": ("layers", "mlp"),
+    "down_bias": ("layers", "embed"),
+}
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """The params tree's shapes for this config (leaf = tuple of ints)."""
+    c = config
+    n, k, h, d, f, L = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim, c.mlp_dim, c.num_layers
+    layers = {
+        "attn_norm": (L, d),
+        "q_proj": (L, d, n, h),
+        "k_proj": (L, d, k, h),
+        "v_proj": (L, d, k, h),
+        "o_proj": (L, n, h, d),
+        "mlp_norm": (L, d),
+        "gate_proj": (L, d, f),
+        "up_proj": (L, d, f),
+        "down_proj": (L, f, d),
+    }
+    if c.qkv_bias:
+        layers |= {"q_bias": (L, n, h), "k_bias": (L, k, h), "v_bias": (L, k, h)}
+    if c.o_bias:
+        layers["o_bias"] = (L, d)
+    if c.mlp_bias:
+        layers |= {"gate_bias": (L, f), "up_bias": (L, f), "down_bias": (L, d)}
+    if c.qk_norm:
+        layers |= {"q_norm": (L, h), "k_norm": (L, h)}
+    if c.post_norms:
+        layers |= {"post_attn_norm": (L, d), "post_mlp_norm": (L, d)}
+    shapes: dict[str, Any] = {"embed": (c.vocab_size, d), "final_norm": (d,), "layers": layers}
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (d, c.vocab_size)
+    return shapes
+
+
+def param_axes(params: Params) -> Params:
+    """The logical axis names of every leaf, as a tree shaped like `params`."""
+    return {
+        key: param_axes(value) if isinstance(value, dict) else PARAM_AXES[key]
+        for key, value in params.items()
+    }
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std=0.02) -> Params:
+    """Random params, as HF initialises them (normal weights, unit norms): for tests and
+    benchmarks, whose speed does not depend on the weights."""
+    shapes = param_shapes(config)
+    flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    leaves = []
+    for (path, shape), leaf_key in zip(flat, jax.random.split(key, len(flat)), strict=True):
+        if path[-1].key.endswith("norm"):
+            value = jnp.full(shape, 0.0 if config.norm_plus_one else 1.0)
+        else:
+            value = std * jax.random.normal(leaf_key, shape)
+        leaves.append(value.astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    """An empty KV cache of `length` slots per row."""
+    dtype = dtype or config.dtype
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "valid": jnp.zeros((batch, length), bool),  # slot holds a real (non-pad) token
+        "index": jnp.zeros((), jnp.int32),  # next slot to write, shared by all rows
+    }
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+) -> jax.Array | tuple[jax.Array, Cache]:
+    """Logits [B, T, V] in float32, plus the updated cache when one is given.
+
+    segment_ids [B, T]: packed examples (attention never crosses segments) and padding
+    (segment 0). Positions default to restarting at 0 in each segment, or to continuing
+    from the cache's write index.
+    """
+    batch, length = tokens.shape
+    dtype = jnp.dtype(config.dtype)
+    valid = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
+    start = 0 if cache is None else cache["index"]
+    if positions is None:
+        positions = _default_positions(batch, length, segment_ids, start)
+
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+    if config.embed_scale:
+        # HF multiplies by sqrt(D) rounded to the activation dtype.
+        x = x * jnp.asarray(config.embed_dim**0.5, dtype)
+    x = constrain(x, ("batch", "seq", "embed"))
+
+    query_slots = start + jnp.arange(length)  # [T]
+    if cache is None:
+        key_slots, key_valid = query_slots, valid
+        same_segment = (
+            None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
+        )
+    else:
+        cache_len = cache["k"].shape[2]
+        key_slots = jnp.arange(cache_len)
+        key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, start))
+        same_segment = None
+    masks = _attention_masks(config, query_slots, key_slots, key_valid, same_segment)
+    rope = _rope_tables(config, positions)
+
+    def layer_step(x, scanned):
+        layer, is_sliding, layer_cache = scanned
+        mask = jnp.where(is_sliding, masks[1], masks[0]) if masks[1] is not None else masks[0]
+        cos, sin = (
+            jax.tree.map(lambda g, l: jnp.where(is_sliding, l, g), rope[0], rope[1])
+            if rope[1] is not None
+            else rope[0]
+        )
+        x, new_cache = _block(config, layer, x, mask, cos, sin, layer_cache, start)
+        return x, new_cache
+
+    step = _remat(layer_step, config.remat)
+    is_sliding = jnp.asarray([t == "sliding" for t in config.layer_types])
+    layer_caches = None if cache is None else (cache["k"], cache["v"])
+    x, new_kv = jax.lax.scan(step, x, (params["layers"], is_sliding, layer_caches))
+
+    x = rms_norm(x, params["final_norm"], config)
+    if config.tie_embeddings:
+        logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("BTD,DV->BTV", x, params["lm_head"].astype(dtype),
+                            preferred_element_type=jnp.float32)
+    if config.final_softcap:
+        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+    logits = constrain(logits, ("batch", "seq", "vocab"))
+    if cache is None:
+        return logits
+    new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}
+    return logits, new_cache
+
+
+def _block(config, layer, x, mask, cos, sin, layer_cache, start):
+    """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
+    dtype = x.dtype
+
+    def w(name):
+        return layer[name].astype(dtype)
+
+    h = rms_norm(x, layer["attn_norm"], config)
+    q = jnp.einsum("BTD,DNH->BTNH", h, w("q_proj"))
+    k = jnp.einsum("BTD,DKH->BTKH", h, w("k_proj"))
+    v = jnp.einsum("BTD,DKH->BTKH", h, w("v_proj"))
+    if config.qkv_bias:
+        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    if config.qk_norm:
+        q, k = rms_norm(q, layer["q_norm"], config), rms_norm(k, layer["k_norm"], config)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+
+    new_cache = None
+    if layer_cache is not None:
+        cache_k, cache_v = layer_cache
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+        new_cache = (cache_k, cache_v)
+        k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+
+    out = attention(q, k, v, mask, config)  # [B, T, N, H]
+    attn = jnp.einsum("BTNH,NHD->BTD", out, w("o_proj"))
+    if config.o_bias:
+        attn = attn + w("o_bias")
+    if config.post_norms:
+        attn = rms_norm(attn, layer["post_attn_norm"], config)
+    x = constrain(x + attn, ("batch", "seq", "embed"))
+
+    h = rms_norm(x, layer["mlp_norm"], config)
+    gate = jnp.einsum("BTD,DF->BTF", h, w("gate_proj"))
+    up = jnp.einsum("BTD,DF->BTF", h, w("up_proj"))
+    if config.mlp_bias:
+        gate, up = gate + w("gate_bias"), up + w("up_bias")
+    hidden = constrain(_activation(gate, config) * up, ("batch", "seq", "mlp"))
+    mlp = jnp.einsum("BTF,FD->BTD", hidden, w("down_proj"))
+    if config.mlp_bias:
+        mlp = mlp + w("down_bias")
+    if config.post_norms:
+        mlp = rms_norm(mlp, layer["post_mlp_norm"], config)
+    return constrain(x + mlp, ("batch", "seq", "embed")), new_cache
+
+
+def attention(q, k, v, mask, config: ModelConfig) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] bool -> [B, T, N, H]."""
+    if config.attn_softcap is None:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=config.scale, implementation=config.attention_impl
+        )
+    # jax.nn.dot_product_attention has no logit soft-capping (Gemma 2), so this path
+    # spells the softmax out.
+    b, t, n, h = q.shape
+    groups = n // k.shape[2]
+    q = q.reshape(b, t, k.shape[2], groups, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    logits = logits * config.scale
+    logits = config.attn_softcap * jnp.tanh(logits / config.attn_softcap)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, config: ModelConfig) -> jax.Array:
+    """RMSNorm over the last axis, in float32; Gemma scales by (1 + w)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + config.norm_eps)
+    scale = weight.astype(jnp.float32)
+    if config.norm_plus_one:
+        scale = 1.0 + scale
+    return (normed * scale).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half rotary embedding (HF layout). x [B, T, *, H], cos/sin [B, T, H/2]."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _rope_tables(config: ModelConfig, positions: jax.Array):
+    """(cos, sin) for global layers and, on Gemma 3, for sliding layers (else None)."""
+
+    def table(rope):
+        inv_freq = jnp.asarray(rope.inverse_frequencies(config.head_dim), jnp.float32)
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+        return jnp.cos(angles), jnp.sin(angles)
+
+    local = table(config.local_rope) if config.local_rope is not None else None
+    return table(config.rope), local
+
+
+def _attention_masks(config, query_slots, key_slots, key_valid, same_segment):
+    """Boolean [B, 1, T, S] masks for full and sliding layers (None if no sliding layers).
+
+    Slots are indices in the sequence (or cache); with left padding and packing they
+    advance exactly like positions, so causality and windows are measured on them.
+    """
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    full = causal[None] & key_valid[:, None, :]  # [B, T, S]
+    if same_segment is not None:
+        full = full & same_segment
+    sliding = None
+    if "sliding" in config.layer_types:
+        in_window = query_slots[:, None] - key_slots[None, :] < config.sliding_window
+        sliding = (full & in_window[None])[:, None]
+    return full[:, None], sliding
+
+
+def _default_positions(batch, length, segment_ids, start):
+    if segment_ids is None:
+        return jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+    # Restart at 0 wherever a new segment begins.
+    index = jnp.arange(length)
+    is_start = jnp.concatenate(
+        [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    segment_start = jax.lax.cummax(jnp.where(is_start, index, 0), axis=1)
+    return index - segment_start
+
+
+def _activation(x, config: ModelConfig):
+    if config.activation in ("gelu_tanh", "gelu"):
+        return jax.nn.gelu(x, approximate=config.activation == "gelu_tanh")
+    return jax.nn.silu(x)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(step, policy: str):
+    if policy == "none":
+        return step
+    if policy not in _REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}; valid: none, {', '.join(_REMAT_POLICIES)}")
+    return jax.checkpoint(step, policy=_REMAT_POLICIES[policy], prevent_cse=False)

@@ -1,0 +1,104 @@
+"""Tiny random HF transformers models of every supported family, for parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 160
+
+# family name -> (transformers config class name, config kwargs)
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "llama3": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=1,
+            attention_bias=True,
+            mlp_bias=True,
+            max_position_embeddings=64,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            rope_theta=500000.0,
+        ),
+    ),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24)),
+    "gemma": ("GemmaConfig", dict(num_key_value_heads=1, head_dim=16)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=5,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=7,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=5,
+            query_pre_attn_scalar=12,
+            rope_local_base_freq=100.0,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+    ),
+}
+
+
+def make_hf_model(family: str, seed: int = 0):
+    """A random fp32 torch model of `family`, weights and norm scales all non-trivial."""
+    import torch
+    import transformers
+
+    class_name, extra = TINY_CONFIGS[family]
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        initializer_range=0.15,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(extra)
+    config = getattr(transformers, class_name)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.normal_(0.0, 0.2).add_(0.0 if "gemma" in family or "bias" in name else 1.0)
+    return model.float().eval()
+
+
+def save_hf_model(family: str, directory: Path, seed: int = 0):
+    model = make_hf_model(family, seed)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.tensor(attention_mask)
+        out = model(torch.tensor(tokens), **kwargs)
+    return out.logits.float().numpy()

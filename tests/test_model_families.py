@@ -1,0 +1,60 @@
+"""Each family's logits equal transformers' on a tiny random checkpoint (fp32, 1e-4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jft.checkpoint import load_checkpoint
+from jft.models import forward
+from tests.hf_reference import TINY_CONFIGS, VOCAB, hf_logits, save_hf_model
+
+FAMILIES = list(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model = save_hf_model(request.param, directory)
+    checkpoint = load_checkpoint(directory, dtype="float32")
+    config = checkpoint.config.replace(dtype="float32")
+    return request.param, hf_model, config, checkpoint.params
+
+
+def _tokens(batch, length, seed=0):
+    return np.random.default_rng(seed).integers(3, VOCAB, size=(batch, length))
+
+
+def test_logits_match_transformers(pair):
+    family, hf_model, config, params = pair
+    tokens = _tokens(2, 13)  # longer than the sliding windows of 5
+    ours = np.asarray(forward(config, params, tokens))
+    np.testing.assert_allclose(ours, hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
+
+
+def test_packed_segments_equal_separate_sequences(pair):
+    family, hf_model, config, params = pair
+    first, second = _tokens(1, 7, seed=1), _tokens(1, 6, seed=2)
+    packed = np.concatenate([first, second], axis=1)
+    segments = np.array([[1] * 7 + [2] * 6])
+    logits = np.asarray(forward(config, params, packed, segment_ids=segments))
+    np.testing.assert_allclose(logits[:, :7], hf_logits(hf_model, first), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits[:, 7:], hf_logits(hf_model, second), atol=1e-4, rtol=0)
+
+
+def test_config_reflects_family_features(pair):
+    family, _, config, _ = pair
+    expected = {
+        "llama": dict(qkv_bias=False, qk_norm=False, layer_types=("full",) * 3),
+        "llama3": dict(qkv_bias=True, mlp_bias=True),
+        "mistral": dict(sliding_window=5, layer_types=("sliding",) * 3),
+        "qwen2": dict(qkv_bias=True, o_bias=False, tie_embeddings=True),
+        "qwen3": dict(qk_norm=True, head_dim=24),
+        "gemma": dict(norm_plus_one=True, embed_scale=True, tie_embeddings=True),
+        "gemma2": dict(attn_softcap=3.0, final_softcap=4.0, post_norms=True,
+                       layer_types=("sliding", "full", "sliding")),
+        "gemma3": dict(qk_norm=True, layer_types=("sliding",) * 5 + ("full", "sliding")),
+    }[family]
+    for field, value in expected.items():
+        assert getattr(config, field) == value, field
+    assert config.rope.kind == {"llama3": "llama3", "gemma3": "linear"}.get(family, "default")
