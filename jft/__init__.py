@@ -1,0 +1,13 @@
+"""jft: fine-tune Llama, Qwen and Gemma models in pure JAX."""
+
+from jft.errors import JftError
+
+__version__ = "0.1.0"
+__all__ = ["JftError", "load"]
+
+
+def load(model, dtype: str = "auto", compute_dtype: str = "auto"):
+    """Loads a bundled name, an HF directory or a `.gguf` file; see `jft.api.load`."""
+    from jft.api import load as _load
+
+    return _load(model, dtype, compute_dtype)

@@ -1,0 +1,100 @@
+"""`jft.load`: a model object for notebooks, wrapping the pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jft.checkpoint import load_checkpoint
+from jft.errors import JftError
+from jft.generation import Sampling, generate_tokens
+from jft.models import ModelConfig, forward
+from jft.tokenizer import Tokenizer
+
+
+@dataclass
+class Model:
+    """A loaded model: `config`, `params` and `tokenizer`, plus conveniences."""
+
+    config: ModelConfig
+    params: dict[str, Any]
+    tokenizer: Tokenizer | None
+    source: Path
+
+    def logits(self, token_ids) -> jax.Array:
+        """Logits [B, T, V] for token ids [T] or [B, T]."""
+        tokens = jnp.asarray(token_ids, jnp.int32)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        return _jit_forward(self.config, self.params, tokens)
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        max_new_tokens: int = 128,
+        chat: bool = False,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> str | list[str]:
+        """The completion of `prompt` (or of each prompt in a list), stop tokens excluded."""
+        tokenizer = self._require_tokenizer()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = [self.encode_prompt(p, chat) for p in prompts]
+        stop_ids = set(tokenizer.stop_ids)
+        if self.config.eos_id is not None:
+            stop_ids.add(self.config.eos_id)
+        outputs = generate_tokens(
+            self.config, self.params, ids, max_new_tokens, sorted(stop_ids),
+            Sampling(temperature, top_k, top_p), seed,
+        )
+        texts = [tokenizer.decode(out) for out in outputs]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        """Prompt ids: plain text with the checkpoint's BOS, or one chat user turn."""
+        tokenizer = self._require_tokenizer()
+        if not chat:
+            return tokenizer.encode(prompt)
+        if not tokenizer.chat_template:
+            raise JftError(f"{self.source}: this model has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+        # The template writes BOS itself where the model wants one.
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise JftError(f"{self.source}: no tokenizer files (tokenizer.json or tokenizer.model)")
+        return self.tokenizer
+
+
+@partial(jax.jit, static_argnums=0)
+def _jit_forward(config, params, tokens):
+    return forward(config, params, tokens)
+
+
+def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto") -> Model:
+    """Loads a bundled name, an HF directory or a `.gguf` file.
+
+    dtype: the params' dtype; compute_dtype: the activations'. "auto" is float32 on
+    CPU (where bfloat16 matmuls are slow) and bfloat16 on GPU and TPU.
+    """
+    default = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = default if dtype == "auto" else dtype
+    compute_dtype = default if compute_dtype == "auto" else compute_dtype
+    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+        if value not in ("float32", "bfloat16", "float16"):
+            raise JftError(f"{name}={value!r}; valid: auto, float32, bfloat16, float16")
+    checkpoint = load_checkpoint(model, dtype)
+    config = checkpoint.config.replace(dtype=compute_dtype)
+    return Model(config, checkpoint.params, checkpoint.tokenizer, checkpoint.source)
+

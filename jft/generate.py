@@ -1,0 +1,59 @@
+"""`python -m jft.generate --model M --prompt TEXT`: prints the completion and nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jft.errors import JftError, run_cli
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one JftError line instead of usage text."""
+
+    def error(self, message: str):
+        raise JftError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m jft.generate",
+        description="Generate a completion with a bundled model, an HF directory or a .gguf file.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="bundled name (smollm2-135m-instruct, gemma3-270m), HF dir or .gguf")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt as one user turn with the model's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 switches top-k off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 switches top-p off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="params dtype: auto, float32, bfloat16")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import jft
+    from jft.generation import Sampling
+
+    if args.max_new_tokens < 1:
+        raise JftError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        raise JftError(f"bad sampling flag: {error}") from None
+    model = jft.load(args.model, dtype=args.dtype)
+    text = model.generate(
+        args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    sys.stdout.write(text.strip() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
