@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft import default_chat_templates
 from jft.bundled import BUNDLED, bundled_path
 from jft.errors import JftError
 from jft.models import ModelConfig, config_from_gguf, config_from_hf, param_shapes
@@ -91,7 +92,8 @@ def _load_hf_dir(directory: Path, dtype) -> Checkpoint:
 
     config = config.replace(tie_embeddings=tied)
     params = _build_params(config, dtype, lambda source: source.hf, read)
-    return Checkpoint(config, params, _dir_tokenizer(directory), directory)
+    return Checkpoint(config, params, _with_chat_template(_dir_tokenizer(directory), config),
+                      directory)
 
 
 def _safetensors_files(directory: Path) -> list[SafetensorsFile]:
@@ -182,6 +184,12 @@ def _load_gguf(path: Path, dtype) -> Checkpoint:
         raise JftError(f"{path}: tensor 'token_embd.weight' is missing")
     vocab_size = int(tensors["token_embd.weight"].shape[-1])
     config = config_from_gguf(meta, vocab_size, tied="output.weight" not in tensors)
+    # llama.cpp marks biases only by their tensors being present.
+    config = config.replace(
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        o_bias="blk.0.attn_output.bias" in tensors,
+        mlp_bias="blk.0.ffn_up.bias" in tensors,
+    )
 
     def read(name: str) -> np.ndarray:
         if name not in tensors:
@@ -189,7 +197,7 @@ def _load_gguf(path: Path, dtype) -> Checkpoint:
         weights = _dequantize(tensors[name], path)
         if config.norm_plus_one and name.endswith("norm.weight"):
             weights = weights - 1.0  # llama.cpp stores Gemma's norms as 1 + w
-        if architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if architecture == "llama" and name.endswith(_ROTARY_PERMUTED):
             heads = config.num_heads if "attn_q" in name else config.num_kv_heads
             weights = _unpermute_rotary(weights, heads)
         return weights
@@ -197,7 +205,15 @@ def _load_gguf(path: Path, dtype) -> Checkpoint:
     params = _build_params(config, dtype, lambda source: source.gguf, read)
     from jft.tokenizer import load_tokenizer_from_gguf
 
-    return Checkpoint(config, params, load_tokenizer_from_gguf(reader), path)
+    tokenizer = _with_chat_template(load_tokenizer_from_gguf(reader), config)
+    return Checkpoint(config, params, tokenizer, path)
+
+
+def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tokenizer | None:
+    """Falls back to the family's own chat format when the checkpoint has no template."""
+    if tokenizer is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = default_chat_templates.BY_FAMILY.get(config.family)
+    return tokenizer
 
 
 def _dequantize(tensor, path: Path) -> np.ndarray:
@@ -225,6 +241,9 @@ def _supported_quants():
 
 
 _SUPPORTED_QUANTS = _supported_quants()
+
+
+_ROTARY_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
 
 def _unpermute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:

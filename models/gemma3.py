@@ -74,9 +74,8 @@ def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
         head_dim=head_dim,
         mlp_dim=meta.require("feed_forward_length"),
         norm_eps=meta.get("attention.layer_norm_rms_epsilon", 1e-6),
-        # GGUF stores only the global base; sliding layers use Gemma 3's fixed 10k.
         rope=meta.rope(default_theta=1_000_000.0),
-        local_rope=RopeConfig(theta=10000.0),
+        local_rope=RopeConfig(theta=float(meta.get("rope.freq_base_swa", 10000.0))),
         layer_types=tuple(
             "full" if (i + 1) % _PATTERN == 0 else "sliding" for i in range(num_layers)
         ),
@@ -87,6 +86,8 @@ def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
         norm_plus_one=True,
         embed_scale=True,
         query_scale=gguf_query_scale(num_layers, embed_dim, num_heads, head_dim, big_layers=62),
+        attn_softcap=meta.get("attn_logit_softcapping"),
+        final_softcap=meta.get("final_logit_softcapping"),
         tie_embeddings=tied,
         max_position=meta.get("context_length", 131072),
         bos_id=meta.token_id("bos"),

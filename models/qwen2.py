@@ -61,7 +61,6 @@ def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool, family: str = "qw
         norm_eps=meta.get("attention.layer_norm_rms_epsilon", 1e-6),
         rope=meta.rope(),
         layer_types=("full",) * num_layers,
-        qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
         tie_embeddings=tied,
         max_position=meta.get("context_length", 32768),

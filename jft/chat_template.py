@@ -1,0 +1,193 @@
+"""Chat templates: untrusted Jinja programs, rendered the way transformers renders them.
+
+A template comes with the checkpoint, so it is treated as hostile code: it runs in Jinja's immutable
+sandbox and only ever sees plain JSON-like data. The environment mirrors transformers'
+(`trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a `tojson` that
+does not escape HTML), so a template renders here exactly as it does there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from jft.errors import JftError
+
+# What a broken template, or messages it cannot handle, raise while rendering; others are bugs.
+_RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError)
+
+
+def render(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    bos_token: str | None,
+    eos_token: str | None,
+    **extra: Any,
+) -> str:
+    """Renders `messages` with a chat template; a broken template raises `JftError`.
+
+    Special tokens that are None stay undefined in the template, as in transformers, so that
+    `{{ bos_token }}` renders as nothing rather than as "None".
+    """
+    compiled = _compile(template)
+    special_tokens = {"bos_token": bos_token, "eos_token": eos_token}
+    context = {
+        # Templates test `tools is not none`, which an undefined name would pass.
+        "tools": None,
+        "documents": None,
+        **{name: token for name, token in special_tokens.items() if token is not None},
+        **_plain(extra),
+        "messages": [_without_none_values(message) for message in messages],
+        "add_generation_prompt": add_generation_prompt,
+    }
+    try:
+        return compiled.render(**context)
+    except _RENDER_ERRORS as error:
+        raise JftError(f"chat template failed to render: {_one_line(error)}") from error
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> jinja2.Template:
+    try:
+        return _environment().from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise JftError(
+            f"chat template has a syntax error on line {error.lineno}: {_one_line(error)}"
+        ) from error
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, failing loudly on unsafe attribute access.
+
+    Jinja's own sandbox answers an undefined value that renders as "", so an escape attempt
+    would pass silently; an error tells the user the template is hostile or broken.
+    """
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__} object is unsafe"
+        )
+
+
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
+    environment = _Sandbox(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
+    )
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    environment.globals["dict"] = _TemplateDict()
+    environment.globals["namespace"] = _TemplateNamespace
+    return environment
+
+
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks.
+
+    transformers uses it to find assistant tokens; rendering only needs the body, unchanged.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes <, > and & for HTML, which would change the prompt text.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without exposing the `dict` type."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """A Jinja namespace that refuses underscore names, the way into Python internals."""
+
+    # No named `self`, like Jinja's own signature, so that `namespace(self=...)` still works.
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        namespace, args = args[0], args[1:]
+        attributes = dict(*args, **kwargs)
+        for name in attributes:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(namespace, attributes)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"a namespace attribute may not start with an underscore, got {name!r}"
+            )
+
+
+def _without_none_values(message: Mapping[str, Any]) -> dict:
+    # Chat APIs send `content=None` or `tool_calls=None`; templates handle a missing key but would
+    # print "None". transformers drops these keys too.
+    return _plain({key: value for key, value in message.items() if value is not None})
+
+
+def _plain(value: Any) -> Any:
+    """The value rebuilt from plain JSON types, so templates cannot reach any object's methods."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    return f"<{type(value).__name__}>"
+
+
+def _one_line(error: Exception) -> str:
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return " ".join(message.split())

@@ -1,0 +1,70 @@
+"""The two bundled real models agree with transformers' own GGUF loading (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jft
+from jft.bundled import bundled_path
+from jft.default_chat_templates import GEMMA
+from jft.generation import generate_tokens
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a café in Zürich, 3 friends",
+    "日本の首都は",
+]
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
+def models(request):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = bundled_path(request.param)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if hf_tokenizer.chat_template is None:  # the Gemma GGUF ships none; jft falls back
+        hf_tokenizer.chat_template = GEMMA
+    ours = jft.load(request.param, dtype="float32", compute_dtype="float32")
+    return ours, hf_model, hf_tokenizer
+
+
+def _hf_greedy(hf_model, ids, new_tokens):
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )
+    return out[0, len(ids):].tolist()
+
+
+def test_logits_match_transformers_gguf_loading(models):
+    ours, hf_model, hf_tokenizer = models
+    for prompt in PROMPTS:
+        ids = hf_tokenizer(prompt)["input_ids"]
+        assert ours.tokenizer.encode(prompt) == ids
+        with torch.no_grad():
+            reference = hf_model(torch.tensor([ids])).logits.numpy()
+        np.testing.assert_allclose(np.asarray(ours.logits(ids)), reference, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_greedy_20_tokens_match_transformers(models, chat):
+    ours, hf_model, hf_tokenizer = models
+    prompts = ["The capital of France is", "Write a haiku about the sea."]
+    for prompt in prompts:
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            ids = hf_tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        else:
+            ids = hf_tokenizer(prompt)["input_ids"]
+        assert ours.encode_prompt(prompt, chat=chat) == list(ids)
+        generated = generate_tokens(ours.config, ours.params, [ids], max_new_tokens=20)[0]
+        assert generated == _hf_greedy(hf_model, list(ids), 20)
