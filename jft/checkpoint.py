@@ -21,6 +21,7 @@ import numpy as np
 from jft import default_chat_templates
 from jft.bundled import BUNDLED, bundled_path
 from jft.errors import JftError
+from jft.gguf_file import GGUFFile
 from jft.models import ModelConfig, config_from_gguf, config_from_hf, param_shapes
 from jft.models.checkpoint_fields import GGUFMetadata
 from jft.models.tensor_names import TOP_LEVEL, TensorSource, layer_sources
@@ -159,30 +160,20 @@ def _dir_tokenizer(directory: Path) -> Tokenizer | None:
 
 
 def _load_gguf(path: Path, dtype) -> Checkpoint:
-    import gguf
+    from jft.tokenizer import load_tokenizer_from_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as error:  # gguf raises assorted errors on corrupt or truncated files
-        raise JftError(f"{path}: not a valid GGUF file ({type(error).__name__}: {error})") from None
-    tensors = {t.name: t for t in reader.tensors}
-    fields = {}
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.ggml.") or key.endswith("_id"):
-            try:
-                fields[key] = field.contents()
-            except Exception:
-                continue
+    gguf_file = GGUFFile(path)
+    tensors, fields = gguf_file.tensors, gguf_file.metadata
     architecture = fields.get("general.architecture")
     if architecture is None:
         raise JftError(f"{path}: GGUF metadata key 'general.architecture' is missing")
     freq_factors = None
     if "rope_freqs.weight" in tensors:
-        freq_factors = tuple(float(f) for f in _dequantize(tensors["rope_freqs.weight"], path))
+        freq_factors = tuple(float(f) for f in gguf_file.read("rope_freqs.weight"))
     meta = GGUFMetadata(fields, architecture, str(path), freq_factors)
     if "token_embd.weight" not in tensors:
         raise JftError(f"{path}: tensor 'token_embd.weight' is missing")
-    vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    vocab_size = int(tensors["token_embd.weight"].shape[0])
     config = config_from_gguf(meta, vocab_size, tied="output.weight" not in tensors)
     # llama.cpp marks biases only by their tensors being present.
     config = config.replace(
@@ -194,18 +185,16 @@ def _load_gguf(path: Path, dtype) -> Checkpoint:
     def read(name: str) -> np.ndarray:
         if name not in tensors:
             raise JftError(f"{path}: tensor {name!r} is missing")
-        weights = _dequantize(tensors[name], path)
         if config.norm_plus_one and name.endswith("norm.weight"):
-            weights = weights - 1.0  # llama.cpp stores Gemma's norms as 1 + w
+            return gguf_file.read(name) - 1.0  # llama.cpp stores Gemma's norms as 1 + w
+        weights = gguf_file.read(name, dtype)
         if architecture == "llama" and name.endswith(_ROTARY_PERMUTED):
             heads = config.num_heads if "attn_q" in name else config.num_kv_heads
             weights = _unpermute_rotary(weights, heads)
         return weights
 
     params = _build_params(config, dtype, lambda source: source.gguf, read)
-    from jft.tokenizer import load_tokenizer_from_gguf
-
-    tokenizer = _with_chat_template(load_tokenizer_from_gguf(reader), config)
+    tokenizer = _with_chat_template(load_tokenizer_from_gguf(fields), config)
     return Checkpoint(config, params, tokenizer, path)
 
 
@@ -214,33 +203,6 @@ def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tok
     if tokenizer is not None and not tokenizer.chat_template:
         tokenizer.chat_template = default_chat_templates.BY_FAMILY.get(config.family)
     return tokenizer
-
-
-def _dequantize(tensor, path: Path) -> np.ndarray:
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import dequantize
-
-    kind = tensor.tensor_type
-    if kind not in _SUPPORTED_QUANTS:
-        names = ", ".join(q.name for q in _SUPPORTED_QUANTS)
-        raise JftError(
-            f"{path}: tensor {tensor.name!r} has quantization {Q(kind).name}, not supported; "
-            f"supported: {names}"
-        )
-    try:
-        return np.asarray(dequantize(tensor.data, kind), np.float32)
-    except Exception as error:
-        raise JftError(f"{path}: tensor {tensor.name!r} cannot be decoded ({error})") from None
-
-
-def _supported_quants():
-    from gguf import GGMLQuantizationType as Q
-
-    return (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-            Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-
-
-_SUPPORTED_QUANTS = _supported_quants()
 
 
 _ROTARY_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
@@ -280,7 +242,7 @@ def _build_params(config: ModelConfig, dtype, name_of, read) -> dict[str, Any]:
                 f"tensor {name!r} has shape {list(raw.shape)}, which does not fit the "
                 f"config (expected {list(shape)} in jft's layout)"
             )
-        return value.astype(dtype)
+        return value.astype(dtype, copy=False)
 
     params: dict[str, Any] = {}
     for key, shape in shapes.items():

@@ -16,7 +16,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-import gguf
 import sentencepiece
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
@@ -396,28 +395,28 @@ _PRE_TOKENIZER_SPLITS = {
 _GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
-def load_tokenizer_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
-    """The tokenizer embedded in a GGUF file's metadata."""
-    model = _gguf_value(reader, "tokenizer.ggml.model", str)
-    tokens = _gguf_value(reader, "tokenizer.ggml.tokens", list)
+def load_tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
+    """The tokenizer embedded in a GGUF file's metadata (`jft.gguf_file.GGUFFile.metadata`)."""
+    model = _gguf_value(metadata, "tokenizer.ggml.model", str)
+    tokens = _gguf_value(metadata, "tokenizer.ggml.tokens", list)
     if model is None or tokens is None:
         raise JftError(
             "GGUF file has no tokenizer.ggml.model / tokenizer.ggml.tokens metadata, "
             "so it carries no tokenizer; load the tokenizer from a checkpoint folder instead"
         )
     if model == "gpt2":
-        tokenizer = _gguf_byte_level_bpe(reader, tokens)
+        tokenizer = _gguf_byte_level_bpe(metadata, tokens)
     elif model == "llama":
-        tokenizer = _gguf_sentencepiece_bpe(reader, tokens)
+        tokenizer = _gguf_sentencepiece_bpe(metadata, tokens)
     else:
         raise JftError(
             f"GGUF tokenizer.ggml.model is {model!r}; supported: 'gpt2' (byte-level BPE) "
             "and 'llama' (sentencepiece)"
         )
-    _add_gguf_added_tokens(tokenizer, reader, tokens, byte_level=model == "gpt2")
+    _add_gguf_added_tokens(tokenizer, metadata, tokens, byte_level=model == "gpt2")
 
     special_tokens = {
-        name: _gguf_token(reader, tokens, f"tokenizer.ggml.{key}")
+        name: _gguf_token(metadata, tokens, f"tokenizer.ggml.{key}")
         for name, key in (
             ("bos_token", "bos_token_id"),
             ("eos_token", "eos_token_id"),
@@ -427,21 +426,21 @@ def load_tokenizer_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
     }
     _register_special_tokens(tokenizer, special_tokens.values())
     # llama.cpp adds BOS to a sentencepiece vocabulary whose file does not say otherwise.
-    add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token", bool)
+    add_bos = _gguf_value(metadata, "tokenizer.ggml.add_bos_token", bool)
     add_bos = model == "llama" if add_bos is None else add_bos
-    add_eos = _gguf_value(reader, "tokenizer.ggml.add_eos_token", bool) or False
+    add_eos = _gguf_value(metadata, "tokenizer.ggml.add_eos_token", bool) or False
     tokenizer.post_processor = _bos_eos_processor(
         tokenizer,
         special_tokens["bos_token"] if add_bos else None,
         special_tokens["eos_token"] if add_eos else None,
     )
-    template = _gguf_value(reader, "tokenizer.chat_template", str)
+    template = _gguf_value(metadata, "tokenizer.chat_template", str)
     return Tokenizer(_TokenizersBackend(tokenizer), special_tokens, template)
 
 
-def _gguf_byte_level_bpe(reader: gguf.GGUFReader, tokens: list[str]) -> tokenizers.Tokenizer:
+def _gguf_byte_level_bpe(metadata: Mapping[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
     """GPT-2 style byte-level BPE, with the word split named by `tokenizer.ggml.pre`."""
-    merges = _gguf_value(reader, "tokenizer.ggml.merges", list)
+    merges = _gguf_value(metadata, "tokenizer.ggml.merges", list)
     if merges is None:
         raise JftError("GGUF tokenizer.ggml.model is 'gpt2' but tokenizer.ggml.merges is missing")
     byte_chars = _byte_level_chars()
@@ -460,7 +459,7 @@ def _gguf_byte_level_bpe(reader: gguf.GGUFReader, tokens: list[str]) -> tokenize
             fuse_unk=False,
         )
     )
-    split = _PRE_TOKENIZER_SPLITS.get(_gguf_value(reader, "tokenizer.ggml.pre", str))
+    split = _PRE_TOKENIZER_SPLITS.get(_gguf_value(metadata, "tokenizer.ggml.pre", str))
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -474,15 +473,15 @@ def _gguf_byte_level_bpe(reader: gguf.GGUFReader, tokens: list[str]) -> tokenize
     return tokenizer
 
 
-def _gguf_sentencepiece_bpe(reader: gguf.GGUFReader, tokens: list[str]) -> tokenizers.Tokenizer:
+def _gguf_sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
     """A sentencepiece vocabulary as BPE with byte fallback, the way transformers converts it."""
-    architecture = _gguf_value(reader, "general.architecture", str)
+    architecture = _gguf_value(metadata, "general.architecture", str)
     if architecture in _GEMMA_ARCHITECTURES:
         return _gemma_bpe(tokens)
     vocab = {token: index for index, token in enumerate(tokens)}
-    merges = _gguf_value(reader, "tokenizer.ggml.merges", list)
+    merges = _gguf_value(metadata, "tokenizer.ggml.merges", list)
     if merges is None:
-        scores = _gguf_value(reader, "tokenizer.ggml.scores", list)
+        scores = _gguf_value(metadata, "tokenizer.ggml.scores", list)
         if scores is None or len(scores) != len(tokens):
             raise JftError(
                 "GGUF sentencepiece vocabulary needs tokenizer.ggml.merges or one "
@@ -558,7 +557,10 @@ def _derive_merges(
 
 
 def _add_gguf_added_tokens(
-    tokenizer: tokenizers.Tokenizer, reader: gguf.GGUFReader, tokens: list[str], byte_level: bool
+    tokenizer: tokenizers.Tokenizer,
+    metadata: Mapping[str, Any],
+    tokens: list[str],
+    byte_level: bool,
 ) -> None:
     """Control tokens become special tokens, user-defined ones plain added tokens.
 
@@ -566,7 +568,7 @@ def _add_gguf_added_tokens(
     spelled outside the byte alphabet is a llama.cpp mislabel, and adding it would grow the
     vocabulary past the model's embedding, so it is skipped.
     """
-    token_types = _gguf_value(reader, "tokenizer.ggml.token_type", list) or []
+    token_types = _gguf_value(metadata, "tokenizer.ggml.token_type", list) or []
     alphabet = set(_byte_level_chars()) if byte_level else None
     control = [
         AddedToken(token, special=True, normalized=False)
@@ -583,18 +585,17 @@ def _add_gguf_added_tokens(
     tokenizer.add_tokens(user_defined)
 
 
-def _gguf_value(reader: gguf.GGUFReader, key: str, kind: type) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _gguf_value(metadata: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = metadata.get(key)
+    if value is None:
         return None
-    value = field.contents()
     if not isinstance(value, kind):
         raise JftError(f"GGUF metadata {key} must be a {kind.__name__}, got {type(value).__name__}")
     return value
 
 
-def _gguf_token(reader: gguf.GGUFReader, tokens: list[str], key: str) -> str | None:
-    token_id = _gguf_value(reader, key, int)
+def _gguf_token(metadata: Mapping[str, Any], tokens: list[str], key: str) -> str | None:
+    token_id = _gguf_value(metadata, key, int)
     if token_id is None:
         return None
     if not 0 <= token_id < len(tokens):

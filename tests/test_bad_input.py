@@ -99,7 +99,8 @@ def test_invalid_flag_values_are_one_line(capsys, hf_dir):
 
 
 def test_cli_process_exits_2_without_traceback_and_debug_shows_it(tmp_path):
-    command = [sys.executable, "-m", "jft.generate", "--model", str(tmp_path / "x"), "--prompt", "a"]
+    missing = str(tmp_path / "x")
+    command = [sys.executable, "-m", "jft.generate", "--model", missing, "--prompt", "a"]
     plain = subprocess.run(command, capture_output=True, text=True)
     assert plain.returncode == 2 and plain.stdout == ""
     assert "Traceback" not in plain.stderr and "no such file" in plain.stderr

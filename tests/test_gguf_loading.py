@@ -55,7 +55,7 @@ TRANSFORMERS_OVERRIDES = {
     "gemma3": ("query_pre_attn_scalar", "rope_parameters"),
 }
 
-# Every quantization jft accepts (jft.checkpoint._SUPPORTED_QUANTS) other than F32.
+# Every quantization jft accepts (jft.gguf_file.SUPPORTED_TYPES) other than F32.
 QUANT_TYPES = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *K_QUANTS]
 
 # Rows of 256 and 512 values, so that every weight fills whole K-quant blocks.

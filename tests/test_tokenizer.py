@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from jft.errors import JftError
+from jft.gguf_file import GGUFFile
 from jft.tokenizer import Tokenizer, load_tokenizer_from_dir, load_tokenizer_from_gguf
 
 TEXTS = [
@@ -93,7 +94,7 @@ def gemma_gguf_path() -> Path:
 
 
 def _load_pair(path: Path) -> tuple[Tokenizer, object]:
-    ours = load_tokenizer_from_gguf(gguf.GGUFReader(path))
+    ours = load_tokenizer_from_gguf(GGUFFile(path).metadata)
     reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return ours, reference
 
@@ -333,7 +334,7 @@ def test_gguf_without_tokenizer_metadata_raises_jft_error(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(JftError, match="tokenizer.ggml.tokens"):
-        load_tokenizer_from_gguf(gguf.GGUFReader(path))
+        load_tokenizer_from_gguf(GGUFFile(path).metadata)
 
 
 # ---------------------------------------------------------------------------------------------
