@@ -85,11 +85,11 @@ def _load_hf_dir(directory: Path, dtype) -> Checkpoint:
     rename = _prefix_mapper(name_to_file, directory)
     tied = config.tie_embeddings or rename(TOP_LEVEL["lm_head"].hf) not in name_to_file
 
-    def read(name: str) -> np.ndarray:
+    def read(name: str, rows=None) -> np.ndarray:
         actual = rename(name)
         if actual not in name_to_file:
             raise JftError(f"{directory}: tensor {actual!r} is missing from the checkpoint")
-        return name_to_file[actual].read(actual)
+        return name_to_file[actual].read(actual, dtype, rows)
 
     config = config.replace(tie_embeddings=tied)
     params = _build_params(config, dtype, lambda source: source.hf, read)
@@ -182,12 +182,12 @@ def _load_gguf(path: Path, dtype) -> Checkpoint:
         mlp_bias="blk.0.ffn_up.bias" in tensors,
     )
 
-    def read(name: str) -> np.ndarray:
+    def read(name: str, rows=None) -> np.ndarray:
         if name not in tensors:
             raise JftError(f"{path}: tensor {name!r} is missing")
         if config.norm_plus_one and name.endswith("norm.weight"):
             return gguf_file.read(name) - 1.0  # llama.cpp stores Gemma's norms as 1 + w
-        weights = gguf_file.read(name, dtype)
+        weights = gguf_file.read(name, dtype, rows)
         if architecture == "llama" and name.endswith(_ROTARY_PERMUTED):
             heads = config.num_heads if "attn_q" in name else config.num_kv_heads
             weights = _unpermute_rotary(weights, heads)
@@ -221,13 +221,23 @@ def _unpermute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:
 # ---------------------------------------------------------------- assembly
 
 
+# Buffers are filled in place on the device (donated), so the host holds one layer
+# (or one chunk of embedding rows) at a time, not a second copy of the model.
 @partial(jax.jit, donate_argnums=0)
 def _write_layer(stacked, value, index):
     return jax.lax.dynamic_update_index_in_dim(stacked, value, index, axis=0)
 
 
+@partial(jax.jit, donate_argnums=0)
+def _write_rows(buffer, rows, start):
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
+
+
+_CHUNK_BYTES = 64 << 20
+
+
 def _build_params(config: ModelConfig, dtype, name_of, read) -> dict[str, Any]:
-    """Reads every leaf of `param_shapes(config)` through `read(name_of(source))`."""
+    """Reads every leaf of `param_shapes(config)` through `read(name_of(source), rows)`."""
     shapes = param_shapes(config)
     sources = layer_sources(config)
 
@@ -244,10 +254,25 @@ def _build_params(config: ModelConfig, dtype, name_of, read) -> dict[str, Any]:
             )
         return value.astype(dtype, copy=False)
 
-    params: dict[str, Any] = {}
-    for key, shape in shapes.items():
-        if key != "layers":
-            params[key] = jnp.asarray(load(TOP_LEVEL[key], name_of(TOP_LEVEL[key]), shape))
+    def stream_rows(name: str, shape) -> jax.Array:
+        """Top-level tensors keep the checkpoint layout, so they stream by rows."""
+        buffer = jnp.zeros(shape, dtype)
+        step = max(1, _CHUNK_BYTES // (int(np.prod(shape[1:])) * jnp.dtype(dtype).itemsize))
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            rows = read(name, (start, stop))
+            if rows.shape != (stop - start, *shape[1:]):
+                raise JftError(
+                    f"tensor {name!r} does not fit the config (expected shape {list(shape)})"
+                )
+            buffer = _write_rows(buffer, rows.astype(dtype, copy=False), start)
+        return buffer
+
+    params: dict[str, Any] = {
+        key: stream_rows(name_of(TOP_LEVEL[key]), shape)
+        for key, shape in shapes.items()
+        if key != "layers"
+    }
     layers = {}
     for key, shape in shapes["layers"].items():
         source = sources[key]

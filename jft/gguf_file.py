@@ -26,7 +26,7 @@ SUPPORTED_TYPES = tuple(
     for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 )
-_CHUNK_BYTES = 32 << 20
+_CHUNK_BYTES = 16 << 20
 
 # GGUF value types -> struct formats (little-endian); 8 is string and 9 array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -55,8 +55,9 @@ class GGUFFile:
         except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as error:
             raise JftError(f"{self.path}: not a valid GGUF file ({error})") from None
 
-    def read(self, name: str, dtype=np.float32) -> np.ndarray:
-        """The tensor dequantized and cast to `dtype`, decoded a chunk of rows at a time."""
+    def read(self, name: str, dtype=np.float32, rows: tuple[int, int] | None = None):
+        """The tensor (or rows [start, stop) of its first axis) dequantized to `dtype`,
+        decoded a chunk of rows at a time."""
         tensor = self.tensors[name]
         if tensor.kind not in SUPPORTED_TYPES:
             supported = ", ".join(t.name for t in SUPPORTED_TYPES)
@@ -64,20 +65,27 @@ class GGUFFile:
                 f"{self.path}: tensor {name!r} has quantization {tensor.kind.name}, "
                 f"not supported; supported: {supported}"
             )
+        if len(tensor.shape) == 1 and rows is not None:  # vectors are small: read whole
+            return self.read(name, dtype)[rows[0]:rows[1]]
         block, block_bytes = GGML_QUANT_SIZES[tensor.kind]
+        # Rows of the innermost dimension; the first axis spans `per_first` of them.
         row_bytes = tensor.shape[-1] // block * block_bytes
-        rows = tensor.nbytes // row_bytes
-        out = np.empty((rows, tensor.shape[-1]), dtype)
-        step = max(1, _CHUNK_BYTES // row_bytes)
+        per_first = int(np.prod(tensor.shape[1:-1])) if len(tensor.shape) > 1 else 1
+        start, stop = rows or (0, tensor.shape[0] if len(tensor.shape) > 1 else 1)
+        count_rows = (stop - start) * per_first
+        out = np.empty((count_rows, tensor.shape[-1]), dtype)
+        # Size chunks by their decoded float32 rows: Q4 data grows 7x when decoded.
+        step = max(1, _CHUNK_BYTES // (tensor.shape[-1] * 4))
         with open(self.path, "rb") as file:
-            file.seek(tensor.start)
-            for first in range(0, rows, step):
-                count = min(step, rows - first)
-                raw = np.empty((count, row_bytes), np.uint8)
+            file.seek(tensor.start + start * per_first * row_bytes)
+            for first in range(0, count_rows, step):
+                raw = np.empty((min(step, count_rows - first), row_bytes), np.uint8)
                 if file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
                     raise JftError(f"{self.path}: tensor {name!r} is truncated")
-                out[first:first + count] = dequantize(raw, tensor.kind)
-        return out.reshape(tensor.shape)
+                out[first:first + len(raw)] = dequantize(raw, tensor.kind)
+        if rows is None:
+            return out.reshape(tensor.shape)
+        return out.reshape(stop - start, *tensor.shape[1:])
 
 
 class _Parser:

@@ -33,6 +33,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_CHUNK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,24 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, dtype=None, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (or rows [start, stop) of its first axis), cast to `dtype` (default:
+        as stored) a chunk at a time."""
         info = self.tensors[name]
-        out = np.empty(info.shape, info.dtype)
+        shape = info.shape or (1,)
+        start, stop = rows or (0, shape[0])
+        row_items = int(np.prod(shape[1:]))
+        out = np.empty((stop - start, *shape[1:]), dtype or info.dtype)
+        flat = out.reshape(stop - start, row_items)
+        step = max(1, _CHUNK_BYTES // max(row_items * info.dtype.itemsize, 1))
         with open(self.path, "rb") as file:
-            file.seek(info.start)
-            if file.readinto(memoryview(out).cast("B")) != info.end - info.start:
-                raise JftError(f"{self.path}: tensor {name!r} is truncated")
-        return out
+            file.seek(info.start + start * row_items * info.dtype.itemsize)
+            for first in range(0, stop - start, step):
+                chunk = np.empty((min(step, stop - start - first), row_items), info.dtype)
+                if file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                    raise JftError(f"{self.path}: tensor {name!r} is truncated")
+                flat[first:first + len(chunk)] = chunk
+        return out.reshape(info.shape) if rows is None else out
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:

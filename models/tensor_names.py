@@ -2,6 +2,8 @@
 
 Both formats store linear weights as [out, in] (GGUF lists dims innermost first, so
 gguf's numpy arrays already read [out, in]); jft keeps [in, ...out] with heads split.
+The top-level tensors (embed, lm_head, final_norm) keep the checkpoint's layout, so
+they stream into place a chunk of rows at a time.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ _BLK = "blk.{i}."
 TOP_LEVEL: dict[str, TensorSource] = {
     "embed": TensorSource("model.embed_tokens.weight", "token_embd.weight", _same, _same),
     "final_norm": TensorSource("model.norm.weight", "output_norm.weight", _same, _same),
-    "lm_head": TensorSource("lm_head.weight", "output.weight", _transpose, _transpose),
+    "lm_head": TensorSource("lm_head.weight", "output.weight", _same, _same),
 }
 
 

@@ -4,7 +4,7 @@ Shape letters: B batch, T query length, S key length (the cache size when decodi
 D embed, N query heads, K kv heads, G = N // K, H head dim, F mlp, V vocab, L layers.
 
 Params (every leaf under `layers` has a leading L axis, see `PARAM_AXES`):
-    embed [V, D], final_norm [D], lm_head [D, V] (untied models only)
+    embed [V, D], final_norm [D], lm_head [V, D] (untied models only; checkpoint layout)
     layers: attn_norm [L, D], q_proj [L, D, N, H], k_proj / v_proj [L, D, K, H],
             o_proj [L, N, H, D], mlp_norm [L, D], gate_proj / up_proj [L, D, F],
             down_proj [L, F, D], and per family: q_bias [L, N, H], k_bias / v_bias
@@ -27,7 +27,7 @@ Cache = dict[str, jax.Array]
 
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
+    "lm_head": ("vocab", "embed"),
     "final_norm": ("embed",),
     "attn_norm": ("layers", "embed"),
     "q_proj": ("layers", "embed", "heads", "head_dim"),
@@ -79,7 +79,7 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
         layers |= {"post_attn_norm": (L, d), "post_mlp_norm": (L, d)}
     shapes: dict[str, Any] = {"embed": (c.vocab_size, d), "final_norm": (d,), "layers": layers}
     if not c.tie_embeddings:
-        shapes["lm_head"] = (d, c.vocab_size)
+        shapes["lm_head"] = (c.vocab_size, d)
     return shapes
 
 
@@ -176,12 +176,8 @@ def forward(
     x, new_kv = jax.lax.scan(step, x, (params["layers"], is_sliding, layer_caches))
 
     x = rms_norm(x, params["final_norm"], config)
-    if config.tie_embeddings:
-        logits = jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(dtype),
-                            preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("BTD,DV->BTV", x, params["lm_head"].astype(dtype),
-                            preferred_element_type=jnp.float32)
+    head = params["embed"] if config.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
     if config.final_softcap:
         logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
     logits = constrain(logits, ("batch", "seq", "vocab"))
