@@ -33,6 +33,26 @@ class HFConfig:
         value = self.get(f"{name}_token_id")
         return value[0] if isinstance(value, list) and value else value
 
+    def common(self, default_head_dim: int | None = None, tie: bool = False,
+               max_position: int = 8192) -> dict[str, Any]:
+        """The ModelConfig fields every family reads the same way."""
+        embed_dim = self.require("hidden_size")
+        num_heads = self.require("num_attention_heads")
+        return dict(
+            vocab_size=self.require("vocab_size"),
+            embed_dim=embed_dim,
+            num_layers=self.require("num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=self.get("num_key_value_heads", num_heads),
+            head_dim=self.get("head_dim", default_head_dim or embed_dim // num_heads),
+            mlp_dim=self.require("intermediate_size"),
+            norm_eps=self.get("rms_norm_eps", 1e-6),
+            tie_embeddings=self.get("tie_word_embeddings", tie),
+            max_position=self.get("max_position_embeddings", max_position),
+            bos_id=self.token_id("bos"),
+            eos_id=self.token_id("eos"),
+        )
+
     def rope(self, layer_type: str | None = None) -> RopeConfig:
         """Rope settings: transformers v5 `rope_parameters`, or v4 `rope_theta`/`rope_scaling`."""
         params = self.fields.get("rope_parameters")
@@ -81,6 +101,27 @@ class GGUFMetadata:
     def token_id(self, name: str) -> int | None:
         value = self.fields.get(f"tokenizer.ggml.{name}_token_id")
         return None if value is None else int(value)
+
+    def common(self, vocab_size: int, tied: bool, default_head_dim: int | None = None,
+               max_position: int = 8192) -> dict[str, Any]:
+        """The ModelConfig fields every family reads the same way. Biases are set by the
+        loader from the tensors present."""
+        embed_dim = self.require("embedding_length")
+        num_heads = self.require("attention.head_count")
+        return dict(
+            vocab_size=vocab_size,
+            embed_dim=embed_dim,
+            num_layers=self.require("block_count"),
+            num_heads=num_heads,
+            num_kv_heads=self.get("attention.head_count_kv", num_heads),
+            head_dim=self.get("attention.key_length", default_head_dim or embed_dim // num_heads),
+            mlp_dim=self.require("feed_forward_length"),
+            norm_eps=self.get("attention.layer_norm_rms_epsilon", 1e-6),
+            tie_embeddings=tied,
+            max_position=self.get("context_length", max_position),
+            bos_id=self.token_id("bos"),
+            eos_id=self.token_id("eos"),
+        )
 
     def rope(self, theta_key: str = "rope.freq_base", default_theta: float = 10000.0) -> RopeConfig:
         kind = self.get("rope.scaling.type", "none")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -68,3 +71,12 @@ def test_greedy_20_tokens_match_transformers(models, chat):
         assert ours.encode_prompt(prompt, chat=chat) == list(ids)
         generated = generate_tokens(ours.config, ours.params, [ids], max_new_tokens=20)[0]
         assert generated == _hf_greedy(hf_model, list(ids), 20)
+
+
+def test_generate_cli_answers_the_capital_of_france():
+    out = subprocess.run(
+        [sys.executable, "-m", "jft.generate", "--model", "smollm2-135m-instruct", "--chat",
+         "--prompt", "What is the capital of France?"],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout == "The capital of France is Paris.\n"
