@@ -14,6 +14,7 @@ Params (every leaf under `layers` has a leading L axis, see `PARAM_AXES`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -125,21 +126,42 @@ def forward(
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
+    adapters: Sequence[Any] = (),
+    with_prompts: bool | None = None,
+    rng: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, Cache]:
     """Logits [B, T, V] in float32, plus the updated cache when one is given.
 
     segment_ids [B, T]: packed examples (attention never crosses segments) and padding
     (segment 0). Positions default to restarting at 0 in each segment, or to continuing
     from the cache's write index.
+
+    adapters: PEFT adapters (`jft.peft.Adapter`) applied on top of the frozen `params`.
+    Virtual tokens of prompt tuning are prepended when `with_prompts` (default: when
+    there is no cache, i.e. not while decoding), and their logits are dropped.
+    rng: a key for adapter dropout; None (the default) means no dropout.
     """
-    batch, length = tokens.shape
+    for adapter in adapters:
+        params = adapter.impl.edit_params(params, adapter.delta, config, adapter.config)
     dtype = jnp.dtype(config.dtype)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+    if with_prompts is None:
+        with_prompts = cache is None
+    prompts = [
+        p for a in adapters if (p := a.impl.prompt_embeddings(a.delta, a.config)) is not None
+    ] if with_prompts else []
+    num_virtual = sum(p.shape[0] for p in prompts)
+    if num_virtual:
+        x, tokens, positions, segment_ids = _prepend_prompts(
+            x, prompts, tokens, positions, segment_ids
+        )
+    batch, length = tokens.shape
     valid = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
     start = 0 if cache is None else cache["index"]
+    prefix_len = _prefix_length(adapters)
     if positions is None:
-        positions = _default_positions(batch, length, segment_ids, start)
+        positions = _default_positions(batch, length, segment_ids, start) + prefix_len
 
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
     if config.embed_scale:
         # HF multiplies by sqrt(D) rounded to the activation dtype.
         x = x * jnp.asarray(config.embed_dim**0.5, dtype)
@@ -160,46 +182,76 @@ def forward(
     rope = _rope_tables(config, positions)
 
     def layer_step(x, scanned):
-        layer, is_sliding, layer_cache = scanned
+        layer, is_sliding, layer_cache, index, deltas = scanned
         mask = jnp.where(is_sliding, masks[1], masks[0]) if masks[1] is not None else masks[0]
         cos, sin = (
             jax.tree.map(lambda g, l: jnp.where(is_sliding, l, g), rope[0], rope[1])
             if rope[1] is not None
             else rope[0]
         )
-        x, new_cache = _block(config, layer, x, mask, cos, sin, layer_cache, start)
+        layer_rng = None if rng is None else jax.random.fold_in(rng, index)
+        hooks = LayerHooks(config, index, tuple(zip(adapters, deltas, strict=True)), layer_rng)
+        x, new_cache = _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks)
         return x, new_cache
 
     step = _remat(layer_step, config.remat)
     is_sliding = jnp.asarray([t == "sliding" for t in config.layer_types])
     layer_caches = None if cache is None else (cache["k"], cache["v"])
-    x, new_kv = jax.lax.scan(step, x, (params["layers"], is_sliding, layer_caches))
+    layer_deltas = tuple(a.delta.get("layers", {}) for a in adapters)
+    scanned = (params["layers"], is_sliding, layer_caches, jnp.arange(config.num_layers),
+               layer_deltas)
+    x, new_kv = jax.lax.scan(step, x, scanned)
 
     x = rms_norm(x, params["final_norm"], config)
     head = params["embed"] if config.tie_embeddings else params["lm_head"]
     logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
     if config.final_softcap:
         logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
-    logits = constrain(logits, ("batch", "seq", "vocab"))
+    logits = constrain(logits[:, num_virtual:], ("batch", "seq", "vocab"))
     if cache is None:
         return logits
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}
     return logits, new_cache
 
 
-def _block(config, layer, x, mask, cos, sin, layer_cache, start):
+class LayerHooks:
+    """Routes one layer's linears through the adapters' hooks (a plain matmul without)."""
+
+    def __init__(self, config: ModelConfig, index, adapters_and_deltas, rng=None):
+        self.config, self.index, self.pairs, self.rng = config, index, adapters_and_deltas, rng
+
+    def linear(self, module: str, x, layer, equation: str, bias: str | None = None):
+        dtype = x.dtype
+        for adapter, delta in self.pairs:
+            x = adapter.impl.linear_input(module, x, delta, self, adapter.config)
+        weight = layer[module].astype(dtype)
+        y = jnp.einsum(equation, x, weight)
+        bias = layer[bias].astype(dtype) if bias is not None and bias in layer else None
+        if bias is not None:
+            y = y + bias
+        for adapter, delta in self.pairs:
+            y = adapter.impl.linear_output(module, x, y, weight, bias, delta, self,
+                                           adapter.config)
+        return y
+
+    def attention_prefix(self):
+        """Concatenated per-layer key/value prefixes [P, K, H] of all adapters, or None."""
+        prefixes = [
+            p for adapter, delta in self.pairs
+            if (p := adapter.impl.attention_prefix(delta, self, adapter.config)) is not None
+        ]
+        if not prefixes:
+            return None
+        return tuple(jnp.concatenate(parts, axis=0) for parts in zip(*prefixes, strict=True))
+
+
+def _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
     """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
     dtype = x.dtype
-
-    def w(name):
-        return layer[name].astype(dtype)
-
     h = rms_norm(x, layer["attn_norm"], config)
-    q = jnp.einsum("BTD,DNH->BTNH", h, w("q_proj"))
-    k = jnp.einsum("BTD,DKH->BTKH", h, w("k_proj"))
-    v = jnp.einsum("BTD,DKH->BTKH", h, w("v_proj"))
-    if config.qkv_bias:
-        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    q = hooks.linear("q_proj", h, layer, "BTD,DNH->BTNH", "q_bias")
+    k = hooks.linear("k_proj", h, layer, "BTD,DKH->BTKH", "k_bias")
+    v = hooks.linear("v_proj", h, layer, "BTD,DKH->BTKH", "v_bias")
     if config.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], config), rms_norm(k, layer["k_norm"], config)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -213,23 +265,26 @@ def _block(config, layer, x, mask, cos, sin, layer_cache, start):
         new_cache = (cache_k, cache_v)
         k, v = cache_k.astype(dtype), cache_v.astype(dtype)
 
+    prefix = hooks.attention_prefix()
+    if prefix is not None:  # prefix tuning: learned keys/values every query may attend to
+        batch = x.shape[0]
+        k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(dtype), (batch, *prefix[0].shape)),
+                             k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(dtype), (batch, *prefix[1].shape)),
+                             v], axis=1)
+        visible = jnp.ones((*mask.shape[:3], prefix[0].shape[0]), bool)
+        mask = jnp.concatenate([visible, mask], axis=-1)
     out = attention(q, k, v, mask, config)  # [B, T, N, H]
-    attn = jnp.einsum("BTNH,NHD->BTD", out, w("o_proj"))
-    if config.o_bias:
-        attn = attn + w("o_bias")
+    attn = hooks.linear("o_proj", out, layer, "BTNH,NHD->BTD", "o_bias")
     if config.post_norms:
         attn = rms_norm(attn, layer["post_attn_norm"], config)
     x = constrain(x + attn, ("batch", "seq", "embed"))
 
     h = rms_norm(x, layer["mlp_norm"], config)
-    gate = jnp.einsum("BTD,DF->BTF", h, w("gate_proj"))
-    up = jnp.einsum("BTD,DF->BTF", h, w("up_proj"))
-    if config.mlp_bias:
-        gate, up = gate + w("gate_bias"), up + w("up_bias")
+    gate = hooks.linear("gate_proj", h, layer, "BTD,DF->BTF", "gate_bias")
+    up = hooks.linear("up_proj", h, layer, "BTD,DF->BTF", "up_bias")
     hidden = constrain(_activation(gate, config) * up, ("batch", "seq", "mlp"))
-    mlp = jnp.einsum("BTF,FD->BTD", hidden, w("down_proj"))
-    if config.mlp_bias:
-        mlp = mlp + w("down_bias")
+    mlp = hooks.linear("down_proj", hidden, layer, "BTF,FD->BTD", "down_bias")
     if config.post_norms:
         mlp = rms_norm(mlp, layer["post_mlp_norm"], config)
     return constrain(x + mlp, ("batch", "seq", "embed")), new_cache
@@ -301,6 +356,30 @@ def _attention_masks(config, query_slots, key_slots, key_valid, same_segment):
         in_window = query_slots[:, None] - key_slots[None, :] < config.sliding_window
         sliding = (full & in_window[None])[:, None]
     return full[:, None], sliding
+
+
+def _prepend_prompts(x, prompts, tokens, positions, segment_ids):
+    """Prepends virtual tokens [P, D] to every row; positions restart after them."""
+    batch = x.shape[0]
+    virtual = jnp.concatenate(prompts, axis=0).astype(x.dtype)
+    count = virtual.shape[0]
+    x = jnp.concatenate([jnp.broadcast_to(virtual, (batch, *virtual.shape)), x], axis=1)
+    filler = jnp.zeros((batch, count), tokens.dtype)
+    tokens = jnp.concatenate([filler, tokens], axis=1)
+    if positions is not None:
+        positions = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(count), (batch, count)), positions + count], axis=1
+        )
+    if segment_ids is not None:
+        # Virtual tokens belong to each row's first segment.
+        first = jnp.broadcast_to(segment_ids[:, :1], (batch, count))
+        segment_ids = jnp.concatenate([first, segment_ids], axis=1)
+    return x, tokens, positions, segment_ids
+
+
+def _prefix_length(adapters) -> int:
+    """Prefix-tuning keys sit before the sequence, so its positions start after them."""
+    return sum(a.impl.prefix_length(a.config) for a in adapters)
 
 
 def _default_positions(batch, length, segment_ids, start):

@@ -1,0 +1,220 @@
+"""The protocol every PEFT method implements, the adapter pytree, and PEFT-style targeting.
+
+A method's trainable state (its *delta*) is a pytree of its own, beside the frozen base.
+Per-layer leaves sit under `delta["layers"]`, stacked on the same leading axis as the
+base's layers, so the layer scan hands each layer its `(base_layer, delta_layer)` slices
+and never copies the base.
+
+An `Adapter` couples a method and its (hashable) config, which are static, with a delta,
+which is traced: `jax.grad` over a tuple of adapters differentiates the deltas only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.errors import JftError
+from jft.models import ModelConfig
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = LINEAR_MODULES[:4]
+# HF module paths, so that PEFT users' regexes keep working.
+_MODULE_PATHS = {name: ("self_attn." if name in ATTENTION_MODULES else "mlp.") + name
+                 for name in LINEAR_MODULES}
+
+Delta = dict[str, Any]
+
+
+class Method(Protocol):
+    """One PEFT method; `MethodBase` gives every hook a no-op default.
+
+    Hooks that run inside the layer scan get `layer`: the model's `LayerHooks`, whose
+    `.config` is the ModelConfig, `.index` the (traced) layer index and `.rng` the
+    dropout key (None when not training).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def init(self, key: jax.Array, base: dict, model: ModelConfig, config: Any,
+             calibration_batches: Sequence[Any] | None = None) -> Delta:
+        """A fresh delta; `calibration_batches` for data-driven inits."""
+
+    def edit_params(self, params: dict, delta: Delta, model: ModelConfig, config: Any) -> dict:
+        """Cheap whole-tree edits before the forward pass (biases, norms, full weights)."""
+
+    def linear_input(self, module: str, x: jax.Array, delta_layer: Delta, layer, config: Any):
+        """The input of a linear, before its matmul."""
+
+    def linear_output(self, module: str, x: jax.Array, y: jax.Array, weight: jax.Array,
+                      bias: jax.Array | None, delta_layer: Delta, layer, config: Any):
+        """A linear's output `y` (its bias, if any, included) from its input `x`."""
+
+    def prompt_embeddings(self, delta: Delta, config: Any) -> jax.Array | None:
+        """Virtual-token embeddings [P, D] prepended to the input, or None."""
+
+    def attention_prefix(self, delta_layer: Delta, layer, config: Any):
+        """This layer's key/value prefixes ([P, K, H], [P, K, H]), or None."""
+
+    def merge(self, base: dict, delta: Delta, model: ModelConfig, config: Any) -> dict:
+        """The base with the delta folded in (computed in fp32, cast back)."""
+
+    def unmerge(self, base: dict, delta: Delta, model: ModelConfig, config: Any) -> dict:
+        """Inverse of merge where that is exact; raises JftError otherwise."""
+
+    def trainable(self, delta: Delta, config: Any) -> Any:
+        """A tree of bools shaped like `delta`: the leaves the optimiser updates."""
+
+    def num_params(self, delta: Delta, model: ModelConfig, config: Any) -> int:
+        """Trainable parameters, counted as PEFT's get_nb_trainable_parameters does."""
+
+    def identity(self, delta: Delta, base: dict, model: ModelConfig, config: Any) -> Delta:
+        """A delta of the same structure that leaves the model unchanged."""
+
+
+class MethodBase:
+    """No-op hooks; a method overrides the ones it needs."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+
+    def edit_params(self, params, delta, model, config):
+        return params
+
+    def linear_input(self, module, x, delta_layer, layer, config):
+        return x
+
+    def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
+        return y
+
+    def prompt_embeddings(self, delta, config):
+        return None
+
+    def attention_prefix(self, delta_layer, layer, config):
+        return None
+
+    def prefix_length(self, config) -> int:
+        """Tokens of attention prefix; the real tokens' positions start after them."""
+        return 0
+
+    def unmerge(self, base, delta, model, config):
+        raise JftError(f"{self.name} cannot be unmerged exactly; keep the unmerged base")
+
+    def trainable(self, delta, config):
+        return jax.tree.map(lambda _: True, delta)
+
+    def num_params(self, delta, model, config) -> int:
+        mask = self.trainable(delta, config)
+        return sum(int(np.prod(x.shape)) for x, m in
+                   zip(jax.tree.leaves(delta), jax.tree.leaves(mask), strict=True) if m)
+
+    def identity(self, delta, base, model, config):
+        raise JftError(f"{self.name} has no identity delta, so it cannot mix with base rows")
+
+
+REGISTRY: dict[str, MethodBase] = {}
+
+
+def register(method: MethodBase) -> MethodBase:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MethodBase:
+    if name not in REGISTRY:
+        raise JftError(f"unknown PEFT method {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A method, its config (static) and its delta (traced)."""
+
+    delta: Delta
+    method: str = dataclasses.field(metadata=dict(static=True))
+    config: Any = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def impl(self) -> MethodBase:
+        return get_method(self.method)
+
+
+# ---------------------------------------------------------------- targeting
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """Which linears a method wraps, the PEFT way.
+
+    modules: module names (`q_proj`, ...), `"all-linear"`, or one regex string matched
+    (`re.fullmatch`) against HF module paths such as `model.layers.3.self_attn.q_proj`.
+    layers: `layers_to_transform`, None for all.
+    """
+
+    modules: str | tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] | None = None
+
+    def resolve(self, model: ModelConfig, allowed: Sequence[str] = LINEAR_MODULES
+                ) -> dict[str, np.ndarray]:
+        """module -> bool [L]: the layers where that module is targeted. Raises if none."""
+        layers = range(model.num_layers)
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < model.num_layers]
+            if bad:
+                raise JftError(f"layers_to_transform has {bad}; the model has layers "
+                               f"0..{model.num_layers - 1}")
+            layers = self.layers
+        chosen: dict[str, np.ndarray] = {}
+        for module in allowed:
+            active = np.zeros(model.num_layers, bool)
+            for i in layers:
+                active[i] = self._matches(module, i)
+            if active.any():
+                chosen[module] = active
+        if not chosen:
+            raise JftError(
+                f"targets {self.modules!r} match no module; valid: {', '.join(allowed)}, "
+                "'all-linear', or a regex over paths like 'model.layers.0.self_attn.q_proj'"
+            )
+        return chosen
+
+    def _matches(self, module: str, layer: int) -> bool:
+        if self.modules == "all-linear":
+            return True
+        if isinstance(self.modules, str):
+            path = f"model.layers.{layer}.{_MODULE_PATHS.get(module, module)}"
+            return re.fullmatch(self.modules, path) is not None
+        unknown = [m for m in self.modules if m not in LINEAR_MODULES]
+        if unknown:
+            raise JftError(
+                f"unknown target module {unknown[0]!r}; valid: {', '.join(LINEAR_MODULES)}, "
+                "'all-linear' or a regex"
+            )
+        return module in self.modules
+
+
+def module_dims(model: ModelConfig, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(input dims, output dims) of a linear in jft's layout."""
+    d, f, h = model.embed_dim, model.mlp_dim, model.head_dim
+    return {
+        "q_proj": ((d,), (model.num_heads, h)),
+        "k_proj": ((d,), (model.num_kv_heads, h)),
+        "v_proj": ((d,), (model.num_kv_heads, h)),
+        "o_proj": ((model.num_heads, h), (d,)),
+        "gate_proj": ((d,), (f,)),
+        "up_proj": ((d,), (f,)),
+        "down_proj": ((f,), (d,)),
+    }[module]
+
+
+def layer_mask(active: np.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
+    """[L, 1, ...] float mask that zeroes a stacked delta on untargeted layers."""
+    return jnp.asarray(active, jnp.float32).reshape((-1,) + (1,) * (len(shape) - 1))
