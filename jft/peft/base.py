@@ -190,8 +190,7 @@ class Targets:
         if self.modules == "all-linear":
             return True
         if isinstance(self.modules, str):
-            path = f"model.layers.{layer}.{_MODULE_PATHS.get(module, module)}"
-            return re.fullmatch(self.modules, path) is not None
+            return re.fullmatch(self.modules, module_path(layer, module)) is not None
         unknown = [m for m in self.modules if m not in LINEAR_MODULES]
         if unknown:
             raise JftError(
@@ -199,6 +198,11 @@ class Targets:
                 "'all-linear' or a regex"
             )
         return module in self.modules
+
+
+def module_path(layer: int, module: str) -> str:
+    """The module's HF path, e.g. `model.layers.3.self_attn.q_proj`."""
+    return f"model.layers.{layer}.{_MODULE_PATHS[module]}"
 
 
 def module_dims(model: ModelConfig, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -25,7 +25,14 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import ModelConfig
-from jft.peft.base import LINEAR_MODULES, MethodBase, Targets, module_dims, register
+from jft.peft.base import (
+    LINEAR_MODULES,
+    MethodBase,
+    Targets,
+    module_dims,
+    module_path,
+    register,
+)
 
 INITS = ("default", "gaussian", "pissa", "eva", "corda", "loraga")
 
@@ -84,7 +91,7 @@ def plan(model: ModelConfig, config: LoraConfig) -> dict[str, ModulePlan]:
     for module, active in config.targets.resolve(model).items():
         ranks, scales = [], []
         for layer in range(model.num_layers):
-            path = f"model.layers.{layer}.{module}"
+            path = module_path(layer, module)
             r = _pattern_value(config.rank_pattern, path, module, config.r) if active[layer] else 0
             alpha = _pattern_value(config.alpha_pattern, path, module, config.alpha)
             limit = min(math.prod(d) for d in module_dims(model, module))
@@ -97,8 +104,9 @@ def plan(model: ModelConfig, config: LoraConfig) -> dict[str, ModulePlan]:
 
 
 def _pattern_value(pattern, path: str, module: str, default):
+    # PEFT's rule: a key matches a module path that ends with it, as a regex.
     for key, value in pattern:
-        if key == module or re.fullmatch(key, path) or re.search(rf"\b{re.escape(key)}$", path):
+        if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
 
