@@ -111,3 +111,18 @@ def test_rows_with_different_adapter_ids_match_separate_forwards(params, dora):
 def test_unknown_method_lists_the_registered_ones():
     with pytest.raises(JftError, match="unknown PEFT method 'lokr'; valid: .*lora"):
         get_method("lokr")
+
+
+def test_create_builds_adapters_from_plain_options_and_rejects_unknown_ones(params):
+    from jft.peft import create
+
+    base, adapter = create("lora", jax.random.key(0), params, MODEL, r=2, alpha=4,
+                           targets=["o_proj"], layers_to_transform=[1, 3])
+    assert base is params  # the default init leaves the base alone
+    assert set(adapter.delta["layers"]) == {"o_proj"}
+    assert adapter.config.targets.layers == (1, 3)
+    assert LORA.num_params(adapter.delta, MODEL, adapter.config) == 2 * 2 * (256 + 256)
+    with pytest.raises(JftError, match="unknown option 'rank' for method 'lora'; valid: alpha"):
+        create("lora", jax.random.key(0), params, MODEL, rank=4)
+    with pytest.raises(JftError, match="layers_to_transform has \\[7\\]"):
+        create("lora", jax.random.key(0), params, MODEL, layers_to_transform=[7])

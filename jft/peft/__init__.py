@@ -6,5 +6,9 @@ registers itself in `REGISTRY`.
 
 from jft.peft import lora
 from jft.peft.base import REGISTRY, Adapter, MethodBase, Targets, get_method, register
+from jft.peft.factory import create, make_config
 
-__all__ = ["REGISTRY", "Adapter", "MethodBase", "Targets", "get_method", "lora", "register"]
+__all__ = [
+    "REGISTRY", "Adapter", "MethodBase", "Targets", "create", "get_method", "lora",
+    "make_config", "register",
+]

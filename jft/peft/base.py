@@ -69,6 +69,9 @@ class Method(Protocol):
     def unmerge(self, base: dict, delta: Delta, model: ModelConfig, config: Any) -> dict:
         """Inverse of merge where that is exact; raises JftError otherwise."""
 
+    def rebase(self, base: dict, delta: Delta, model: ModelConfig, config: Any) -> dict:
+        """The base a fresh delta applies to: unchanged, except for inits that rewrite it."""
+
     def trainable(self, delta: Delta, config: Any) -> Any:
         """A tree of bools shaped like `delta`: the leaves the optimiser updates."""
 
@@ -103,6 +106,10 @@ class MethodBase:
     def prefix_length(self, config) -> int:
         """Tokens of attention prefix; the real tokens' positions start after them."""
         return 0
+
+    def rebase(self, base, delta, model, config):
+        """The base this delta applies to, for inits that rewrite it (PiSSA and kin)."""
+        return base
 
     def unmerge(self, base, delta, model, config):
         raise JftError(f"{self.name} cannot be unmerged exactly; keep the unmerged base")

@@ -1,0 +1,56 @@
+"""Building adapters from plain options, as configs and the CLI give them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from jft.errors import JftError
+from jft.models import ModelConfig
+from jft.peft.base import Adapter, Targets, get_method
+
+
+def make_config(method: str, options: Mapping[str, Any]):
+    """The method's config from a dict; unknown options name the valid ones.
+
+    For methods with targets, `targets` takes module names, "all-linear" or a regex,
+    and `layers_to_transform` a list of layer indices.
+    """
+    impl = get_method(method)
+    fields = {f.name: f for f in dataclasses.fields(impl.Config)}
+    options = dict(options)
+    layers = options.pop("layers_to_transform", None)
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        valid = sorted(fields) + (["layers_to_transform"] if "targets" in fields else [])
+        raise JftError(
+            f"unknown option {unknown[0]!r} for method {method!r}; valid: {', '.join(valid)}"
+        )
+    if "targets" in fields and ("targets" in options or layers is not None):
+        modules = options.get("targets", fields["targets"].default.modules)
+        modules = modules if isinstance(modules, str) else tuple(modules)
+        options["targets"] = Targets(modules, None if layers is None else tuple(layers))
+    elif layers is not None:
+        raise JftError(f"method {method!r} has no targets, so no layers_to_transform")
+    try:
+        return impl.Config(**options)
+    except TypeError as error:
+        raise JftError(f"bad options for method {method!r}: {error}") from None
+
+
+def create(
+    method: str,
+    key: jax.Array,
+    base: dict,
+    model: ModelConfig,
+    calibration_batches: Sequence[Any] | None = None,
+    **options,
+) -> tuple[dict, Adapter]:
+    """A fresh adapter, and the base it applies to (rewritten only by PiSSA-like inits)."""
+    impl = get_method(method)
+    config = make_config(method, options)
+    delta = impl.init(key, base, model, config, calibration_batches)
+    return impl.rebase(base, delta, model, config), Adapter(delta, method, config)
