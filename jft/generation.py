@@ -48,15 +48,23 @@ def generate_tokens(
     stop_ids: Sequence[int] = (),
     sampling: Sampling = Sampling(),
     seed: int = 0,
+    adapters: Sequence = (),
 ) -> list[list[int]]:
-    """New tokens for each prompt, up to (not including) the first stop token."""
+    """New tokens for each prompt, up to (not including) the first stop token.
+
+    adapters: PEFT adapters (`jft.peft.Adapter`) to generate with, unmerged.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     prompt_len = _round_up(longest, PROMPT_BUCKET)
-    cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
+    virtual = sum(
+        p.shape[0] for a in adapters
+        if (p := a.impl.prompt_embeddings(a.delta, a.config)) is not None
+    )
+    cache_len = _round_up(virtual + prompt_len + max_new_tokens, CACHE_BUCKET)
     if cache_len > config.max_position:
-        cache_len = max(prompt_len + max_new_tokens, min(cache_len, config.max_position))
+        cache_len = max(virtual + prompt_len + max_new_tokens, min(cache_len, config.max_position))
 
     tokens = np.zeros((len(prompts), prompt_len), np.int32)
     valid = np.zeros((len(prompts), prompt_len), np.int32)
@@ -68,7 +76,7 @@ def generate_tokens(
     out = _generate(
         config, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
         jax.random.key(seed), cache_len, max_new_tokens,
-        tuple(sorted(set(int(s) for s in stop_ids))), sampling,
+        tuple(sorted(set(int(s) for s in stop_ids))), sampling, tuple(adapters),
     )
     results = []
     for row in np.asarray(out):
@@ -79,10 +87,11 @@ def generate_tokens(
 
 @partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
 def _generate(config, params, tokens, positions, valid, key, cache_len, max_new, stop_ids,
-              sampling):
+              sampling, adapters):
     batch = tokens.shape[0]
     cache = init_cache(config, batch, cache_len)
-    logits, cache = forward(config, params, tokens, positions, segment_ids=valid, cache=cache)
+    logits, cache = forward(config, params, tokens, positions, segment_ids=valid, cache=cache,
+                            adapters=adapters, with_prompts=True)
     key, step_key = jax.random.split(key)
     first = sample(logits[:, -1], step_key, sampling)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -95,7 +104,8 @@ def _generate(config, params, tokens, positions, valid, key, cache_len, max_new,
         step, out, cache, token, done, position, key = state
         done = done | jnp.isin(token, stops)
         out = out.at[:, step].set(jnp.where(done, -1, token))
-        logits, cache = forward(config, params, token[:, None], position[:, None], cache=cache)
+        logits, cache = forward(config, params, token[:, None], position[:, None], cache=cache,
+                                adapters=adapters, with_prompts=False)
         key, step_key = jax.random.split(key)
         token = sample(logits[:, -1], step_key, sampling)
         return step + 1, out, cache, token, done, position + 1, key

@@ -138,27 +138,34 @@ def forward(
 
     adapters: PEFT adapters (`jft.peft.Adapter`) applied on top of the frozen `params`.
     Virtual tokens of prompt tuning are prepended when `with_prompts` (default: when
-    there is no cache, i.e. not while decoding), and their logits are dropped.
+    there is no cache, i.e. not while decoding), and their logits are dropped. Explicit
+    positions number the caller's own tokens; virtual tokens and prefix-tuning keys come
+    first, so the forward pass shifts them past those.
     rng: a key for adapter dropout; None (the default) means no dropout.
     """
     for adapter in adapters:
         params = adapter.impl.edit_params(params, adapter.delta, config, adapter.config)
     dtype = jnp.dtype(config.dtype)
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
-    if with_prompts is None:
-        with_prompts = cache is None
     prompts = [
         p for a in adapters if (p := a.impl.prompt_embeddings(a.delta, a.config)) is not None
-    ] if with_prompts else []
-    num_virtual = sum(p.shape[0] for p in prompts)
-    if num_virtual:
+    ]
+    prefix_len = _prefix_length(adapters)
+    # Explicit positions number the caller's tokens: shift them past virtual tokens and
+    # prefixes, wherever those are (prepended now, or already in the cache).
+    if positions is not None:
+        positions = positions + sum(p.shape[0] for p in prompts) + prefix_len
+    if with_prompts is None:
+        with_prompts = cache is None
+    num_prepended = 0
+    if with_prompts and prompts:
         x, tokens, positions, segment_ids = _prepend_prompts(
-            x, prompts, tokens, positions, segment_ids
+            x, prompts, tokens, positions, segment_ids, prefix_len
         )
+        num_prepended = sum(p.shape[0] for p in prompts)
     batch, length = tokens.shape
     valid = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids != 0
     start = 0 if cache is None else cache["index"]
-    prefix_len = _prefix_length(adapters)
     if positions is None:
         positions = _default_positions(batch, length, segment_ids, start) + prefix_len
 
@@ -207,7 +214,7 @@ def forward(
     logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
     if config.final_softcap:
         logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
-    logits = constrain(logits[:, num_virtual:], ("batch", "seq", "vocab"))
+    logits = constrain(logits[:, num_prepended:], ("batch", "seq", "vocab"))
     if cache is None:
         return logits
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}
@@ -358,22 +365,23 @@ def _attention_masks(config, query_slots, key_slots, key_valid, same_segment):
     return full[:, None], sliding
 
 
-def _prepend_prompts(x, prompts, tokens, positions, segment_ids):
-    """Prepends virtual tokens [P, D] to every row; positions restart after them."""
+def _prepend_prompts(x, prompts, tokens, positions, segment_ids, prefix_len):
+    """Prepends virtual tokens [P, D] to every row, in each row's first real segment."""
     batch = x.shape[0]
     virtual = jnp.concatenate(prompts, axis=0).astype(x.dtype)
     count = virtual.shape[0]
     x = jnp.concatenate([jnp.broadcast_to(virtual, (batch, *virtual.shape)), x], axis=1)
-    filler = jnp.zeros((batch, count), tokens.dtype)
-    tokens = jnp.concatenate([filler, tokens], axis=1)
+    tokens = jnp.concatenate([jnp.zeros((batch, count), tokens.dtype), tokens], axis=1)
     if positions is not None:
-        positions = jnp.concatenate(
-            [jnp.broadcast_to(jnp.arange(count), (batch, count)), positions + count], axis=1
-        )
+        virtual_positions = jnp.broadcast_to(prefix_len + jnp.arange(count), (batch, count))
+        positions = jnp.concatenate([virtual_positions, positions], axis=1)
     if segment_ids is not None:
-        # Virtual tokens belong to each row's first segment.
-        first = jnp.broadcast_to(segment_ids[:, :1], (batch, count))
-        segment_ids = jnp.concatenate([first, segment_ids], axis=1)
+        first_real = jnp.take_along_axis(
+            segment_ids, jnp.argmax(segment_ids != 0, axis=1)[:, None], axis=1
+        )
+        segment_ids = jnp.concatenate(
+            [jnp.broadcast_to(first_real, (batch, count)), segment_ids], axis=1
+        )
     return x, tokens, positions, segment_ids
 
 

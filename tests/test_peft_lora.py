@@ -166,3 +166,18 @@ def test_bad_targets_and_ranks_name_the_problem(llama):
         LORA.init(jax.random.key(0), params, model, LoraConfig(r=1000, targets=("q_proj",)))
     with pytest.raises(JftError, match="unknown lora init 'svd'.*pissa"):
         LoraConfig(init="svd")
+
+
+def test_generation_with_an_unmerged_adapter_equals_the_merged_model(llama):
+    from jft.generation import generate_tokens
+
+    _, model, params = llama
+    config = LoraConfig(r=4, alpha=16, targets="all-linear")
+    delta = LORA.init(jax.random.key(1), params, model, config)
+    delta = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(5), x.shape), delta)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    adapted = generate_tokens(model, params, prompts, 8,
+                              adapters=[Adapter(delta, "lora", config)])
+    merged = generate_tokens(model, LORA.merge(params, delta, model, config), prompts, 8)
+    assert adapted == merged
+    assert adapted != generate_tokens(model, params, prompts, 8)
