@@ -147,6 +147,10 @@ def forward(
         params = adapter.impl.edit_params(params, adapter.delta, config, adapter.config)
     dtype = jnp.dtype(config.dtype)
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+    if config.embed_scale:
+        # HF multiplies by sqrt(D) rounded to the activation dtype, inside its embedding
+        # module: prompt-tuning's virtual tokens (prepended below) are not scaled.
+        x = x * jnp.asarray(config.embed_dim**0.5, dtype)
     prompts = [
         p for a in adapters if (p := a.impl.prompt_embeddings(a.delta, a.config)) is not None
     ]
@@ -169,9 +173,6 @@ def forward(
     if positions is None:
         positions = _default_positions(batch, length, segment_ids, start) + prefix_len
 
-    if config.embed_scale:
-        # HF multiplies by sqrt(D) rounded to the activation dtype.
-        x = x * jnp.asarray(config.embed_dim**0.5, dtype)
     x = constrain(x, ("batch", "seq", "embed"))
 
     query_slots = start + jnp.arange(length)  # [T]
@@ -186,6 +187,12 @@ def forward(
         key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, start))
         same_segment = None
     masks = _attention_masks(config, query_slots, key_slots, key_valid, same_segment)
+    # Prefix-tuning keys sit at slots -P..-1: sliding layers see them only within the window.
+    prefix_slots = jnp.arange(prefix_len) - prefix_len
+    prefix_in_window = (
+        query_slots[:, None] - prefix_slots[None, :] < config.sliding_window
+        if config.sliding_window else jnp.ones((length, prefix_len), bool)
+    )  # [T, P]
     rope = _rope_tables(config, positions)
 
     def layer_step(x, scanned):
@@ -197,14 +204,15 @@ def forward(
             else rope[0]
         )
         layer_rng = None if rng is None else jax.random.fold_in(rng, index)
-        hooks = LayerHooks(config, index, tuple(zip(adapters, deltas, strict=True)), layer_rng)
+        hooks = LayerHooks(config, index, tuple(zip(adapters, deltas, strict=True)), layer_rng,
+                           jnp.where(is_sliding, prefix_in_window, True))
         x, new_cache = _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks)
         return x, new_cache
 
     step = _remat(layer_step, config.remat)
     is_sliding = jnp.asarray([t == "sliding" for t in config.layer_types])
     layer_caches = None if cache is None else (cache["k"], cache["v"])
-    layer_deltas = tuple(a.delta.get("layers", {}) for a in adapters)
+    layer_deltas = tuple(a.impl.layer_delta(a.delta, config, a.config) for a in adapters)
     scanned = (params["layers"], is_sliding, layer_caches, jnp.arange(config.num_layers),
                layer_deltas)
     x, new_kv = jax.lax.scan(step, x, scanned)
@@ -224,8 +232,10 @@ def forward(
 class LayerHooks:
     """Routes one layer's linears through the adapters' hooks (a plain matmul without)."""
 
-    def __init__(self, config: ModelConfig, index, adapters_and_deltas, rng=None):
+    def __init__(self, config: ModelConfig, index, adapters_and_deltas, rng=None,
+                 prefix_visible=None):
         self.config, self.index, self.pairs, self.rng = config, index, adapters_and_deltas, rng
+        self.prefix_visible = prefix_visible  # [T, P]: which prefix keys each query sees
 
     def linear(self, module: str, x, layer, equation: str, bias: str | None = None):
         dtype = x.dtype
@@ -279,7 +289,7 @@ def _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
                              k], axis=1)
         v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(dtype), (batch, *prefix[1].shape)),
                              v], axis=1)
-        visible = jnp.ones((*mask.shape[:3], prefix[0].shape[0]), bool)
+        visible = jnp.broadcast_to(hooks.prefix_visible, (*mask.shape[:3], prefix[0].shape[0]))
         mask = jnp.concatenate([visible, mask], axis=-1)
     out = attention(q, k, v, mask, config)  # [B, T, N, H]
     attn = hooks.linear("o_proj", out, layer, "BTNH,NHD->BTD", "o_bias")
@@ -371,7 +381,8 @@ def _prepend_prompts(x, prompts, tokens, positions, segment_ids, prefix_len):
     virtual = jnp.concatenate(prompts, axis=0).astype(x.dtype)
     count = virtual.shape[0]
     x = jnp.concatenate([jnp.broadcast_to(virtual, (batch, *virtual.shape)), x], axis=1)
-    tokens = jnp.concatenate([jnp.zeros((batch, count), tokens.dtype), tokens], axis=1)
+    tokens = jnp.concatenate([jnp.zeros((batch, count), jnp.int32), tokens.astype(jnp.int32)],
+                             axis=1)
     if positions is not None:
         virtual_positions = jnp.broadcast_to(prefix_len + jnp.arange(count), (batch, count))
         positions = jnp.concatenate([virtual_positions, positions], axis=1)

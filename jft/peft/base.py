@@ -60,6 +60,10 @@ class Method(Protocol):
     def prompt_embeddings(self, delta: Delta, config: Any) -> jax.Array | None:
         """Virtual-token embeddings [P, D] prepended to the input, or None."""
 
+    def layer_delta(self, delta: Delta, model: ModelConfig, config: Any) -> Delta:
+        """The per-layer (stacked) part of the delta the scan slices; by default
+        `delta["layers"]`. Prefix tuning runs its reparameterisation MLP here, once."""
+
     def attention_prefix(self, delta_layer: Delta, layer, config: Any):
         """This layer's key/value prefixes ([P, K, H], [P, K, H]), or None."""
 
@@ -99,6 +103,10 @@ class MethodBase:
 
     def prompt_embeddings(self, delta, config):
         return None
+
+    def layer_delta(self, delta, model, config):
+        """What the layer scan hands each layer, computed once before it."""
+        return delta.get("layers", {})
 
     def attention_prefix(self, delta_layer, layer, config):
         return None
