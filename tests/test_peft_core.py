@@ -126,3 +126,23 @@ def test_create_builds_adapters_from_plain_options_and_rejects_unknown_ones(para
         create("lora", jax.random.key(0), params, MODEL, rank=4)
     with pytest.raises(JftError, match="layers_to_transform has \\[7\\]"):
         create("lora", jax.random.key(0), params, MODEL, layers_to_transform=[7])
+
+
+def test_lora_on_attention_stacked_with_bitfit_merges_to_the_same_model(params):
+    from jft.peft import create
+
+    lora = _lora(params, 3, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    _, bitfit = create("bitfit", jax.random.key(0), params, MODEL)
+    bitfit = Adapter(jax.tree.map(lambda x: x + 0.1, bitfit.delta), "bitfit", bitfit.config)
+    stacked = forward(MODEL, params, TOKENS, adapters=[lora, bitfit])
+    only_lora = forward(MODEL, params, TOKENS, adapters=[lora])
+    assert not np.allclose(np.asarray(stacked), np.asarray(only_lora), atol=1e-3)
+    merged = params
+    for adapter in (lora, bitfit):
+        merged = adapter.impl.merge(merged, adapter.delta, MODEL, adapter.config)
+    np.testing.assert_allclose(np.asarray(forward(MODEL, merged, TOKENS)), np.asarray(stacked),
+                               atol=1e-4, rtol=0)
+    counts = {a.method: a.impl.num_params(a.delta, MODEL, a.config) for a in (lora, bitfit)}
+    # 4 layers, rank 4: q and o are 256 -> 256, k and v 256 -> 128.
+    assert counts == {"lora": 4 * 4 * (2 * (256 + 256) + 2 * (256 + 128)),
+                      "bitfit": 4 * (256 * 3 + 128 * 2 + 1024 * 2)}

@@ -4,11 +4,21 @@
 registers itself in `REGISTRY`.
 """
 
-from jft.peft import lora
+from jft.peft import (  # each module registers its method
+    bitfit,
+    full,
+    ia3,
+    lora,
+    norm_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    ssf,
+)
 from jft.peft.base import REGISTRY, Adapter, MethodBase, Targets, get_method, register
 from jft.peft.factory import create, make_config
 
 __all__ = [
-    "REGISTRY", "Adapter", "MethodBase", "Targets", "create", "get_method", "lora",
-    "make_config", "register",
+    "REGISTRY", "Adapter", "MethodBase", "Targets", "bitfit", "create", "full",
+    "get_method", "ia3", "lora", "make_config", "norm_tuning", "prefix_tuning",
+    "prompt_tuning", "register", "ssf",
 ]
