@@ -215,6 +215,13 @@ class Targets:
         return module in self.modules
 
 
+def as_targets(value) -> Targets:
+    """A Targets from what configs and YAML give: module names, "all-linear" or a regex."""
+    if isinstance(value, Targets):
+        return value
+    return Targets(value if isinstance(value, str) else tuple(value))
+
+
 def module_path(layer: int, module: str) -> str:
     """The module's HF path, e.g. `model.layers.3.self_attn.q_proj`."""
     return f"model.layers.{layer}.{_MODULE_PATHS[module]}"

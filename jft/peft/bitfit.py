@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.models import ModelConfig
-from jft.peft.base import MethodBase, Targets, layer_mask, module_dims, register
+from jft.peft.base import MethodBase, Targets, as_targets, layer_mask, module_dims, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +29,7 @@ class BitFitConfig:
     targets: Targets = Targets("all-linear")
 
     def __post_init__(self):
-        if isinstance(self.targets, (str, list, tuple)):
-            modules = self.targets if isinstance(self.targets, str) else tuple(self.targets)
-            object.__setattr__(self, "targets", Targets(modules))
+        object.__setattr__(self, "targets", as_targets(self.targets))
 
 
 # ------------------------------------------------- bias leaves (shared with ssf.py)

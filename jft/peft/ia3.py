@@ -26,6 +26,7 @@ from jft.peft.base import (
     LINEAR_MODULES,
     MethodBase,
     Targets,
+    as_targets,
     layer_mask,
     module_dims,
     module_path,
@@ -43,9 +44,7 @@ class IA3Config:
     feedforward: str | tuple[str, ...] = ("down_proj",)
 
     def __post_init__(self):
-        if isinstance(self.targets, (str, list, tuple)):
-            modules = self.targets if isinstance(self.targets, str) else tuple(self.targets)
-            object.__setattr__(self, "targets", Targets(modules))
+        object.__setattr__(self, "targets", as_targets(self.targets))
         if isinstance(self.feedforward, list):
             object.__setattr__(self, "feedforward", tuple(self.feedforward))
         if isinstance(self.feedforward, tuple):

@@ -29,6 +29,7 @@ from jft.peft.base import (
     LINEAR_MODULES,
     MethodBase,
     Targets,
+    as_targets,
     module_dims,
     module_path,
     register,
@@ -58,9 +59,7 @@ class LoraConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, tuple(sorted(value.items())))
-        if isinstance(self.targets, (str, list, tuple)):
-            modules = self.targets if isinstance(self.targets, str) else tuple(self.targets)
-            object.__setattr__(self, "targets", Targets(modules))
+        object.__setattr__(self, "targets", as_targets(self.targets))
         if self.r < 1:
             raise JftError(f"lora r must be a positive integer, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:

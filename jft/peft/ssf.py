@@ -16,7 +16,7 @@ import math
 
 import jax.numpy as jnp
 
-from jft.peft.base import MethodBase, Targets, layer_mask, module_dims, register
+from jft.peft.base import MethodBase, Targets, as_targets, layer_mask, module_dims, register
 from jft.peft.bitfit import active_layers, add_bias, bias_name, drop_created_bias
 
 
@@ -25,9 +25,7 @@ class SsfConfig:
     targets: Targets = Targets("all-linear")
 
     def __post_init__(self):
-        if isinstance(self.targets, (str, list, tuple)):
-            modules = self.targets if isinstance(self.targets, str) else tuple(self.targets)
-            object.__setattr__(self, "targets", Targets(modules))
+        object.__setattr__(self, "targets", as_targets(self.targets))
 
 
 class Ssf(MethodBase):
