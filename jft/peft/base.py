@@ -119,6 +119,10 @@ class MethodBase:
         """The base this delta applies to, for inits that rewrite it (PiSSA and kin)."""
         return base
 
+    def init_with_config(self, key, base, model, config, calibration_batches=None):
+        """(config, delta): for inits that also settle the config (EVA's ranks)."""
+        return config, self.init(key, base, model, config, calibration_batches)
+
     def unmerge(self, base, delta, model, config):
         raise JftError(f"{self.name} cannot be unmerged exactly; keep the unmerged base")
 

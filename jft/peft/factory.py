@@ -52,5 +52,5 @@ def create(
     """A fresh adapter, and the base it applies to (rewritten only by PiSSA-like inits)."""
     impl = get_method(method)
     config = make_config(method, options)
-    delta = impl.init(key, base, model, config, calibration_batches)
+    config, delta = impl.init_with_config(key, base, model, config, calibration_batches)
     return impl.rebase(base, delta, model, config), Adapter(delta, method, config)

@@ -7,8 +7,9 @@ are padded to their largest rank, the padding masked out.
 
 Inits (`init`): `default` (PEFT's: Kaiming-uniform A, zero B) and `gaussian` (normal A
 with std 1/r, zero B) live here; the data-driven ones (PiSSA, EVA, CorDA, LoRA-GA) are
-in `lora_inits.py`. An init that rewrites the base (PiSSA, CorDA, LoRA-GA) returns the
-new base too, and the delta records it under `base_changed` so that export can be exact.
+in `lora_inits.py`. An init that rewrites the base (PiSSA, CorDA, LoRA-GA) leaves it
+alone: the delta records the initial factors as `init_a` / `init_b` (not trainable), and
+`rebase` gives W - s A0 B0, so that merge and export stay exact.
 """
 
 from __future__ import annotations
@@ -174,6 +175,13 @@ class Lora(MethodBase):
         ratio = (entry["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
         base = jnp.einsum(_einsum_base(module), x, weight)
         return y + (ratio - 1) * base + ratio * lora
+
+    def init_with_config(self, key, base, model, config, calibration_batches=None):
+        if config.init == "eva":  # EVA's rank redistribution settles per-layer ranks
+            from jft.peft import lora_inits
+
+            return lora_inits.init_eva(key, base, model, config, calibration_batches)
+        return config, self.init(key, base, model, config, calibration_batches)
 
     def rebase(self, base, delta, model, config):
         """The base an init rewrote (PiSSA, CorDA, LoRA-GA): W - s A0 B0, from the initial

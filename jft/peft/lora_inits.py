@@ -10,7 +10,9 @@ largest rank, the padding zero (and masked by `plan`).
   many subspace iterations (PEFT's "pissa_niter_[n]") instead of the exact SVD.
 - `eva`: A's columns are the top-r principal directions of the linear's inputs over the
   calibration batches, B = 0. Options `rho` (rank redistribution, see `init_eva`),
-  `whiten`, `use_label_mask`, `adjust_scaling_factors`, as PEFT's EvaConfig.
+  `whiten`, `use_label_mask`, `adjust_scaling_factors`, as PEFT's EvaConfig. The pieces
+  are public: `eva_statistics` (directions and explained-variance ratios),
+  `eva_redistribute` (PEFT's rank rule), `eva_config` (the ranks as a rank_pattern).
 - `corda`: C = the inputs' covariance (each batch scaled by its largest entry, averaged
   over batches), damped until invertible; W' = C W = U S V^T;
   A = C^-1 U_r sqrt(S_r / s), B = sqrt(S_r / s) V_r^T, with the largest r singular
@@ -18,7 +20,8 @@ largest rank, the padding zero (and masked by `plan`).
 - `loraga`: G = the mean gradient of the next-token loss over the calibration batches
   w.r.t. W; G = U S V^T; `direction` picks A's columns from U and B's rows from S V^T
   ("ArB2r": A = U[:, :r], B = S[r:2r] V[:, r:2r]^T), `scale` rescales them ("stable": B
-  times out^(1/4) / sqrt(stable_gamma)). Options `direction`, `scale`, `stable_gamma`.
+  times out^(1/4) / sqrt(stable_gamma)). Options `direction`, `scale`, `stable_gamma`;
+  `loraga_gradients` gives G itself.
 
 PiSSA, CorDA and LoRA-GA start from a non-zero s A0 B0, so the model is unchanged only
 on the base W - s A0 B0: the delta records A0, B0 as `init_a` / `init_b` (not trainable)
@@ -35,9 +38,9 @@ Where jft differs from PEFT, on purpose:
   PEFT runs an incremental (randomised) PCA and stops when the directions stop moving
   (`tau`). Same target, no early stop, and [in, in] statistics per input and layer
   (layers are processed one at a time, so only one layer's statistics are held).
-- EVA's rank redistribution (`rho` > 1) changes the config's ranks, which `init` cannot
-  do: `init_eva` returns the new config (a `rank_pattern` / `alpha_pattern` per layer)
-  with the delta. In `init_options`, `rho` defaults to 1 (PEFT's default is 2).
+- EVA's rank redistribution (`rho` > 1, PEFT's default 2) changes the config's ranks:
+  `init_eva` returns the new config (a `rank_pattern` / `alpha_pattern` per layer) with
+  the delta, and `jft.peft.create` (through `Lora.init_with_config`) uses it.
 - LoRA-GA takes the exact SVD of the gradient (PEFT: `svd_lowrank(q=4r, niter=4)`), and
   PiSSA / CorDA / LoRA-GA compute in float32 with "highest" matmul precision.
 - Padding tokens are left out of CorDA's covariance (PEFT's hook sees them).
@@ -66,12 +69,12 @@ from jft.models.transformer import (
     _rope_tables,
     forward,
 )
-from jft.peft.base import LINEAR_MODULES, module_dims
+from jft.peft.base import LINEAR_MODULES, module_dims, module_path
 from jft.peft.lora import LoraConfig, _column_norm, plan
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "pissa": {"niter": None},
-    "eva": {"rho": 1.0, "whiten": False, "use_label_mask": True, "adjust_scaling_factors": True},
+    "eva": {"rho": 2.0, "whiten": False, "use_label_mask": True, "adjust_scaling_factors": True},
     "corda": {"corda_method": "ipm"},
     "loraga": {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16},
 }
@@ -81,8 +84,6 @@ _SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 # finds these by hashing the inputs).
 _INPUT_GROUP = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
                 "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
-_HF_PREFIX = {m: "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-              for m in LINEAR_MODULES}
 
 
 def options(config: LoraConfig) -> dict[str, Any]:
@@ -117,14 +118,14 @@ def init(key: jax.Array, base: dict, model: ModelConfig, config: LoraConfig,
         if config.init == "pissa":
             factors = _pissa(key, base, model, config, opts["niter"])
         elif config.init == "eva":
+            batches = _batches(calibration_batches, "eva")
             if float(opts["rho"]) > 1.0:
                 raise JftError(
                     f"eva rho={opts['rho']} redistributes ranks across layers, which changes "
-                    "the config: use jft.peft.lora_inits.init_eva(key, base, model, config, "
-                    "batches), which returns (config, delta), or set init_options rho=1"
+                    "the config: build the adapter with jft.peft.create('lora', ..., "
+                    "init='eva'), which returns the new config, or set init_options rho=1"
                 )
-            state = _eva_statistics(base, model, config, _batches(calibration_batches, "eva"),
-                                    1.0)
+            state = _eva_statistics(base, model, config, batches, 1.0)
             factors = _eva_factors(model, config, state)
         elif config.init == "corda":
             factors = _corda(base, model, config, _batches(calibration_batches, "corda"),
@@ -419,7 +420,7 @@ def eva_config(model: ModelConfig, config: LoraConfig, state: EvaStatistics,
     rank_entries, alpha_entries = [], []
     for (module, layer), new_rank in sorted(ranks.items(),
                                             key=lambda kv: (kv[0][1], kv[0][0])):
-        key = rf"model\.layers\.{layer}\.(?:{_HF_PREFIX[module]}\.)?{module}"
+        key = module_path(layer, module)  # as PEFT's EVA writes its rank_pattern
         rank_entries.append((key, int(new_rank)))
         if opts["adjust_scaling_factors"] and new_rank != state.ranks[module, layer]:
             alpha = _alpha(model, config, module, layer)
