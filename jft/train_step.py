@@ -1,0 +1,110 @@
+"""The training step: next-token loss on target tokens, gradients for the deltas only.
+
+A batch is a dict of [B, T] arrays (see `jft.data`): `tokens`, `segment_ids` (0 =
+padding), `positions`, and `loss_mask` (True where the token is a training target).
+Token t is predicted from the positions before it in the same segment, so the first
+token of every example is never a target, and packed examples never see each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jft.models import ModelConfig, forward
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TrainState:
+    """Everything a step updates (donated to it, so a step never doubles memory)."""
+
+    adapters: Any  # the trainable deltas, kept in float32 (the master copy)
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    bad_steps: jax.Array  # non-finite steps in a row
+    skipped: jax.Array  # non-finite steps in total
+
+
+def init_state(adapters, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    # Fresh buffers throughout: the step donates the state, and a buffer may be donated
+    # only once (optimisers may share one zeros array between their moments).
+    adapters = jax.tree.map(lambda x: jnp.array(x, jnp.float32), adapters)
+    opt_state = jax.tree.map(jnp.copy, optimizer.init(adapters))
+
+    def counter():
+        return jnp.zeros((), jnp.int32)
+
+    return TrainState(adapters, opt_state, counter(), jax.random.key(seed), counter(), counter())
+
+
+def token_losses(model: ModelConfig, params, adapters, batch, rng=None):
+    """Per-token cross-entropy [B, T] and the target mask [B, T] (position 0 never counts)."""
+    logits = forward(model, params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                     adapters=adapters, rng=rng)
+    logits = logits[:, :-1]
+    targets = batch["tokens"][:, 1:]
+    segments = batch["segment_ids"]
+    mask = batch["loss_mask"][:, 1:] & (segments[:, 1:] == segments[:, :-1]) & (
+        segments[:, 1:] != 0
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    pad = jnp.zeros((losses.shape[0], 1), losses.dtype)
+    return jnp.concatenate([pad, losses], 1), jnp.concatenate([pad.astype(bool), mask], 1)
+
+
+def mean_loss(model, params, adapters, batch, rng=None):
+    losses, mask = token_losses(model, params, adapters, batch, rng)
+    count = jnp.maximum(mask.sum(), 1)
+    return jnp.sum(jnp.where(mask, losses, 0.0)) / count, count
+
+
+def example_losses(model, params, adapters, batch) -> jax.Array:
+    """Mean target loss of each example [B, S] (by segment id 1..S; NaN where absent)."""
+    losses, mask = token_losses(model, params, adapters, batch)
+    segments = batch["segment_ids"]
+    num = int(segments.max())
+    ids = jnp.arange(1, num + 1)[None, :, None]  # [1, S, 1]
+    in_segment = (segments[:, None, :] == ids) & mask[:, None, :]
+    total = jnp.sum(jnp.where(in_segment, losses[:, None, :], 0.0), axis=-1)
+    count = in_segment.sum(-1)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+
+
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def train_step(model: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
+               params, batch):
+    """One update; a non-finite loss or gradient skips it (and is counted)."""
+    rng, step_rng = jax.random.split(state.rng)
+    (loss, count), grads = jax.value_and_grad(
+        lambda adapters: mean_loss(model, params, adapters, batch, step_rng), has_aux=True
+    )(state.adapters)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, opt_state = optimizer.update(safe_grads, state.opt_state, state.adapters)
+    adapters = optax.apply_updates(state.adapters, updates)
+    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    state = TrainState(
+        adapters=keep(adapters, state.adapters),
+        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        rng=rng,
+        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    return state, metrics
+
+
+@partial(jax.jit, static_argnums=0)
+def eval_step(model: ModelConfig, params, adapters, batch):
+    """(summed target loss, target count) of one batch, for held-out loss and perplexity."""
+    losses, mask = token_losses(model, params, adapters, batch)
+    return jnp.sum(jnp.where(mask, losses, 0.0)), mask.sum()

@@ -1,0 +1,105 @@
+"""The training step: overfitting, packed = unpacked losses, the NaN guard, accumulation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jft.models import ModelConfig, RopeConfig, init_params
+from jft.peft import create
+from jft.train_step import example_losses, init_state, train_step
+
+MODEL = ModelConfig(
+    family="llama", vocab_size=48, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=16, mlp_dim=128, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
+    dtype="float32",
+)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(MODEL, jax.random.key(0), std=0.1)
+
+
+def _row(examples, length, completion_from=1):
+    """One packed row: examples back to back, segment ids, positions, targets after the
+    first `completion_from` tokens of each example."""
+    tokens, segments, positions, mask = [], [], [], []
+    for i, example in enumerate(examples, start=1):
+        tokens += example
+        segments += [i] * len(example)
+        positions += list(range(len(example)))
+        mask += [t >= completion_from for t in range(len(example))]
+    pad = length - len(tokens)
+    return {
+        "tokens": np.array(tokens + [0] * pad, np.int32),
+        "segment_ids": np.array(segments + [0] * pad, np.int32),
+        "positions": np.array(positions + [0] * pad, np.int32),
+        "loss_mask": np.array(mask + [False] * pad, bool),
+    }
+
+
+def _batch(rows):
+    return {key: jnp.asarray(np.stack([r[key] for r in rows])) for key in rows[0]}
+
+
+EXAMPLES = [list(np.random.default_rng(i).integers(1, 48, size=n)) for i, n in
+            enumerate((7, 5, 9, 6))]
+
+
+def test_lora_overfits_a_tiny_dataset(params):
+    base, adapter = create("lora", jax.random.key(1), params, MODEL, r=16, alpha=32,
+                           targets="all-linear")
+    optimizer = optax.adam(1e-2)
+    state = init_state([adapter], optimizer, seed=0)
+    batch = _batch([_row(EXAMPLES[:2], 16), _row(EXAMPLES[2:], 16)])
+    losses = []
+    for _ in range(60):
+        state, metrics = train_step(MODEL, optimizer, state, base, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_packed_and_unpacked_batches_give_the_same_per_example_losses(params):
+    _, adapter = create("lora", jax.random.key(1), params, MODEL, r=4, targets="all-linear")
+    adapter = jax.tree.map(lambda x: x + 0.1, adapter)
+    packed = _batch([_row(EXAMPLES[:2], 16), _row(EXAMPLES[2:], 16)])
+    unpacked = _batch([_row([example], 16) for example in EXAMPLES])
+    packed_losses = np.asarray(example_losses(MODEL, params, [adapter], packed))
+    unpacked_losses = np.asarray(example_losses(MODEL, params, [adapter], unpacked))
+    np.testing.assert_allclose(packed_losses.reshape(-1), unpacked_losses[:, 0], atol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_and_counted(params):
+    _, adapter = create("lora", jax.random.key(1), params, MODEL, r=4)
+    optimizer = optax.adam(1e-2)
+    state = init_state([adapter], optimizer, seed=0)
+    batch = _batch([_row(EXAMPLES[:2], 16)])
+    poisoned = dict(params, embed=params["embed"].at[EXAMPLES[0][0]].set(jnp.nan))
+    before = jax.tree.map(np.asarray, state.adapters)
+    state, metrics = train_step(MODEL, optimizer, state, poisoned, batch)
+    assert not bool(metrics["finite"]) and int(state.bad_steps) == 1 and int(state.skipped) == 1
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.adapters), strict=True):
+        np.testing.assert_array_equal(old, np.asarray(new))
+    state, metrics = train_step(MODEL, optimizer, state, params, batch)
+    assert bool(metrics["finite"]) and int(state.bad_steps) == 0 and int(state.skipped) == 1
+
+
+def test_two_accumulated_half_batches_equal_one_full_batch(params):
+    _, adapter = create("lora", jax.random.key(1), params, MODEL, r=4, targets="all-linear")
+    adapter = jax.tree.map(lambda x: x + 0.1, adapter)
+    # Equal target counts, so the mean of the two halves' means is the full batch's mean.
+    rows = [_row([example], 12) for example in (EXAMPLES[0], EXAMPLES[0][::-1])]
+    sgd = optax.sgd(0.5)
+    full = init_state([adapter], sgd, 0)
+    full, _ = train_step(MODEL, sgd, full, params, _batch(rows))
+    accumulated_sgd = optax.MultiSteps(sgd, every_k_schedule=2)
+    accumulated = init_state([adapter], accumulated_sgd, 0)
+    for row in rows:
+        accumulated, _ = train_step(MODEL, accumulated_sgd, accumulated, params, _batch([row]))
+    for a, b in zip(jax.tree.leaves(full.adapters), jax.tree.leaves(accumulated.adapters),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
