@@ -1,0 +1,108 @@
+"""Run checkpoints with Orbax: deltas, optimiser state, data position, RNG and step.
+
+The frozen base is never copied: the run records the model by path and a content hash
+of its params (`base_fingerprint`), and a checkpoint only restores over the same base.
+The train state is saved as a flat {key path: array} dict, so restoring needs only a
+template state of the same structure (a freshly initialised one), whatever pytree node
+types the optimiser uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jft.errors import JftError
+from jft.train_step import TrainState
+
+
+class RunCheckpoints:
+    """The `checkpoints/` folder of a run: save every N steps (async), keep the last K."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, meta: dict[str, Any]):
+        """Starts an asynchronous save; `meta` (JSON) holds the data position and such."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_flatten(state)), meta=ocp.args.JsonSave(meta),
+        ))
+
+    def restore(self, template: TrainState, step: int | None = None
+                ) -> tuple[TrainState, dict[str, Any]]:
+        step = self.latest_step() if step is None else step
+        flat = _flatten(template)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore(),
+            ))
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            raise JftError(
+                f"{self.directory}/{step}: checkpoint does not match this run's model and "
+                f"method ({type(error).__name__}: {str(error)[:200]})"
+            ) from None
+        return _unflatten(template, restored.state), dict(restored.meta)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _flatten(state: TrainState) -> dict[str, jax.Array]:
+    leaves = jax.tree_util.tree_flatten_with_path(_with_key_data(state))[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+
+def _unflatten(template: TrainState, flat: dict[str, jax.Array]) -> TrainState:
+    plain = _with_key_data(template)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(plain)
+    missing = [jax.tree_util.keystr(p) for p, _ in paths if jax.tree_util.keystr(p) not in flat]
+    if missing:
+        raise JftError(f"checkpoint lacks {missing[0]}: it belongs to another model or method")
+    leaves = []
+    for path, like in paths:
+        value = flat[jax.tree_util.keystr(path)]
+        if value.shape != like.shape:
+            raise JftError(f"checkpoint tensor {jax.tree_util.keystr(path)} has shape "
+                           f"{value.shape}, this run expects {like.shape}")
+        leaves.append(value)
+    restored = jax.tree_util.tree_unflatten(treedef, leaves)
+    return TrainState(**{**restored.__dict__, "rng": jax.random.wrap_key_data(restored.rng)})
+
+
+def _with_key_data(state: TrainState) -> TrainState:
+    """The state with its typed PRNG key as raw uint32 data, which Orbax can store."""
+    rng = state.rng
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return TrainState(**{**state.__dict__, "rng": rng})
+
+
+def base_fingerprint(params) -> str:
+    """A content hash of the frozen base: shapes, dtypes and a strided sample of values
+    (hashing every byte of a large model on each start would cost minutes)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        sample = np.asarray(jax.numpy.ravel(leaf)[:: max(1, leaf.size // 4096)])
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(str((leaf.shape, str(leaf.dtype))).encode())
+        digest.update(np.ascontiguousarray(sample.astype(np.float32)).tobytes())
+    return digest.hexdigest()[:16]
