@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 __all__ = ["JftError", "load"]
 
 
-def load(model, dtype: str = "auto", compute_dtype: str = "auto"):
-    """Loads a bundled name, an HF directory or a `.gguf` file; see `jft.api.load`."""
+def load(model, dtype: str = "auto", compute_dtype: str = "auto", adapter=None):
+    """Loads a bundled name, an HF directory or a `.gguf` file (with a training run's
+    adapter on top); see `jft.api.load`."""
     from jft.api import load as _load
 
-    return _load(model, dtype, compute_dtype)
+    return _load(model, dtype, compute_dtype, adapter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -26,13 +27,14 @@ class Model:
     params: dict[str, Any]
     tokenizer: Tokenizer | None
     source: Path
+    adapters: list = dataclasses.field(default_factory=list)  # applied unmerged
 
     def logits(self, token_ids) -> jax.Array:
         """Logits [B, T, V] for token ids [T] or [B, T]."""
         tokens = jnp.asarray(token_ids, jnp.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
-        return _jit_forward(self.config, self.params, tokens)
+        return _jit_forward(self.config, self.params, tokens, tuple(self.adapters))
 
     def generate(
         self,
@@ -53,7 +55,7 @@ class Model:
             stop_ids.add(self.config.eos_id)
         outputs = generate_tokens(
             self.config, self.params, ids, max_new_tokens, sorted(stop_ids),
-            Sampling(temperature, top_k, top_p), seed,
+            Sampling(temperature, top_k, top_p), seed, adapters=self.adapters,
         )
         texts = [tokenizer.decode(out) for out in outputs]
         return texts[0] if isinstance(prompt, str) else texts
@@ -78,12 +80,16 @@ class Model:
 
 
 @partial(jax.jit, static_argnums=0)
-def _jit_forward(config, params, tokens):
-    return forward(config, params, tokens)
+def _jit_forward(config, params, tokens, adapters):
+    return forward(config, params, tokens, adapters=adapters)
 
 
-def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto") -> Model:
+def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
+         adapter: str | Path | None = None) -> Model:
     """Loads a bundled name, an HF directory or a `.gguf` file.
+
+    adapter: a `python -m jft.train` run directory; its latest checkpoint's deltas are
+    applied over the base (unmerged).
 
     dtype: the params' dtype; compute_dtype: the activations'. "auto" is float32 on
     CPU (where bfloat16 matmuls are slow) and bfloat16 on GPU and TPU.
@@ -96,5 +102,10 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto") ->
             raise JftError(f"{name}={value!r}; valid: auto, float32, bfloat16, float16")
     checkpoint = load_checkpoint(model, dtype)
     config = checkpoint.config.replace(dtype=compute_dtype)
-    return Model(config, checkpoint.params, checkpoint.tokenizer, checkpoint.source)
+    params, adapters = checkpoint.params, []
+    if adapter is not None:
+        from jft.checkpointing import load_adapter
+
+        params, adapters = load_adapter(adapter, params, config)
+    return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters)
 

@@ -36,10 +36,13 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, meta: dict[str, Any]):
-        """Starts an asynchronous save; `meta` (JSON) holds the data position and such."""
+    def save(self, step: int, state: TrainState, meta: dict[str, Any], delta: Any):
+        """Starts an asynchronous save. `meta` (JSON) holds the data position, the method
+        and its options; `delta` is the adapter again as a plain tree, which
+        `load_adapter` reads back without rebuilding the training state."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_flatten(state)), meta=ocp.args.JsonSave(meta),
+            adapter=ocp.args.StandardSave(delta),
         ))
 
     def restore(self, template: TrainState, step: int | None = None
@@ -64,6 +67,29 @@ class RunCheckpoints:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_adapter(run_dir: str | os.PathLike, base, model):
+    """The adapter of a run's latest checkpoint over `base`: (the base it applies to,
+    [Adapter]). The base is rewritten only for PiSSA-like inits (`rebase`)."""
+    from jft.peft import Adapter, get_method, make_config
+
+    directory = Path(run_dir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise JftError(f"{run_dir}: no checkpoints/ folder; give a jft run directory")
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    if step is None:
+        raise JftError(f"{directory}: holds no finished checkpoint")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(), adapter=ocp.args.StandardRestore(),
+    ))
+    manager.close()
+    meta = restored.meta
+    config = make_config(meta["method"], meta["options"])
+    delta = jax.tree.map(jax.numpy.asarray, restored.adapter)
+    impl = get_method(meta["method"])
+    return impl.rebase(base, delta, model, config), [Adapter(delta, meta["method"], config)]
 
 
 def _flatten(state: TrainState) -> dict[str, jax.Array]:

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0 switches top-p off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="params dtype: auto, float32, bfloat16")
+    parser.add_argument("--adapter", help="a jft.train run directory: its latest adapter")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
         Sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as error:
         raise JftError(f"bad sampling flag: {error}") from None
-    model = jft.load(args.model, dtype=args.dtype)
+    model = jft.load(args.model, dtype=args.dtype, adapter=args.adapter)
     text = model.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -41,6 +41,23 @@ def make_config(method: str, options: Mapping[str, Any]):
         raise JftError(f"bad options for method {method!r}: {error}") from None
 
 
+def config_to_options(config) -> dict[str, Any]:
+    """A method config as the plain options `make_config` takes back (JSON-serialisable)."""
+    options = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, Targets):
+            options["targets"] = value.modules if isinstance(value.modules, str) else list(
+                value.modules)
+            if value.layers is not None:
+                options["layers_to_transform"] = list(value.layers)
+        elif field.name.endswith(("_pattern", "_options")) and isinstance(value, tuple):
+            options[field.name] = dict(value)
+        else:
+            options[field.name] = list(value) if isinstance(value, tuple) else value
+    return options
+
+
 def create(
     method: str,
     key: jax.Array,

@@ -1,0 +1,269 @@
+"""`python -m jft.train CONFIG.yaml [key.sub=value ...] [--overwrite]`: fine-tune a model.
+
+The run directory gets the resolved config, metrics.jsonl, TensorBoard events, the
+checkpoints and, at the end, loss_curve.png. A run whose directory holds a checkpoint of
+the same config resumes from it, exactly: the deltas, optimiser state, data position and
+RNG all come back. SIGTERM and SIGINT save a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jft.errors import JftError, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jft.generate import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m jft.train",
+                            description="Fine-tune a model; see docs/config.md for the keys.")
+    parser.add_argument("config", nargs="?", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move an existing run in output_dir aside and start fresh")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    from jft.config import load_config
+
+    run = Run(load_config(config, overrides), overwrite=args.overwrite)
+    return run.train()
+
+
+class Run:
+    """One training run, set up (model, data, adapter, optimiser, checkpoints) in order."""
+
+    def __init__(self, config, overwrite: bool = False):
+        import jft
+        from jft.checkpointing import RunCheckpoints, base_fingerprint
+        from jft.data import DataConfig, make_batcher
+        from jft.run_outputs import prepare_run_dir
+
+        self.config = config
+        self.directory = Path(config.output_dir)
+        resuming = prepare_run_dir(config.output_dir, config.to_dict(), config.fingerprint(),
+                                   overwrite)
+        model = jft.load(config.model, dtype=config.model_dtype,
+                         compute_dtype=config.compute_dtype)
+        self.model = model
+        self.model_config = model.config.replace(remat=config.remat)
+        self.data_config = DataConfig(**dataclasses.asdict(config.data))
+        train = config.train
+        self.batcher = make_batcher(self.data_config, model.tokenizer, train.batch_size,
+                                    train.seed)
+        self.base, self.adapter = self._create_adapter()
+        self.base_hash = base_fingerprint(self.base)
+        self.optimizer = self._optimizer()
+        from jft.train_step import init_state
+
+        self.state = init_state([self.adapter], self.optimizer, train.seed)
+        self.checkpoints = RunCheckpoints(self.directory / "checkpoints", config.checkpoint.keep)
+        self.start_step = 0
+        if resuming and self.checkpoints.latest_step() is not None:
+            self._restore()
+        self.eval_batches = None
+        if config.data.eval and config.eval.every:
+            self.eval_batches = list(make_batcher(
+                self.data_config, model.tokenizer, config.eval.batch_size or train.batch_size,
+                split="eval",
+            ))
+
+    def _create_adapter(self):
+        from jft.data import make_batcher
+        from jft.peft import create
+
+        method = self.config.method
+        calibration = None
+        if method.needs_calibration:  # a separate pass, so the training order is unchanged
+            batcher = make_batcher(self.data_config, self.model.tokenizer,
+                                   self.config.train.batch_size, self.config.train.seed + 1)
+            calibration = [next(batcher) for _ in range(method.calibration_batches)]
+        return create(method.name, jax.random.key(self.config.train.seed), self.model.params,
+                      self.model_config, calibration, **method.options)
+
+    def _optimizer(self):
+        from jft.config import build_optimizer, wrap_accumulation
+        from jft.peft.optim import masked_optimizer
+
+        train = self.config.train
+        optimizer = masked_optimizer(build_optimizer(train, train.steps), [self.adapter])
+        return wrap_accumulation(optimizer, train.grad_accum)
+
+    def _restore(self):
+        self.state, meta = self.checkpoints.restore(self.state)
+        if meta.get("base") != self.base_hash:
+            raise JftError(f"{self.checkpoints.directory}: the checkpoint was trained on another "
+                           "base model (content hash differs); use another output_dir")
+        self.batcher.restore(meta["data"])
+        self.start_step = int(meta["step"])
+
+    def save(self, step: int):
+        from jft.peft.factory import config_to_options
+
+        adapter = self.state.adapters[0]
+        self.checkpoints.save(step, self.state, {
+            "step": step, "data": self.batcher.state(), "base": self.base_hash,
+            "model": self.config.model, "method": adapter.method,
+            "options": config_to_options(adapter.config),
+        }, adapter.delta)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        from jft.run_outputs import MetricsLog, Throughput, flops_per_token, write_loss_curve
+        from jft.train_step import train_step
+
+        config, train = self.config, self.config.train
+        log = MetricsLog(self.directory, self.start_step if self.start_step else None)
+        trainable = self.adapter.impl.num_params(self.adapter.delta, self.model_config,
+                                                 self.adapter.config)
+        throughput = Throughput(flops_per_token(
+            self.model_config, self.config.method.name == "full", trainable,
+            self.data_config.max_length))
+        stop = _StopSignal()
+        progress = _Progress(train.steps, self.start_step)
+        step = self.start_step
+        interval_tokens = 0
+        try:
+            while step < train.steps and not stop.requested:
+                losses, tokens = [], 0
+                for _ in range(train.grad_accum):
+                    batch = next(self.batcher)
+                    self.state, metrics = train_step(self.model_config, self.optimizer,
+                                                     self.state, self.base, batch)
+                    losses.append(float(metrics["loss"]))
+                    tokens += int(np.sum(batch["segment_ids"] != 0))
+                step += 1
+                interval_tokens += tokens
+                if step == self.start_step + 1:  # the first step compiles: not throughput
+                    throughput.restart()
+                    interval_tokens = 0
+                if int(self.state.bad_steps) >= train.max_bad_steps:
+                    self.save(step)
+                    raise JftError(
+                        f"{int(self.state.bad_steps)} steps in a row had a non-finite loss or "
+                        f"gradient (last loss {losses[-1]}); lower train.learning_rate or check "
+                        "the data"
+                    )
+                record = None
+                if step % train.log_every == 0 or step == train.steps:
+                    record = {"step": step, "loss": float(np.mean(losses)),
+                              "learning_rate": float(self._learning_rate(step)),
+                              "grad_norm": float(metrics["grad_norm"]),
+                              "skipped_steps": int(self.state.skipped)}
+                    if interval_tokens:  # none yet right after the compiling first step
+                        record |= throughput.measure(interval_tokens)
+                    interval_tokens = 0
+                if config.eval.every and step % config.eval.every == 0:
+                    record = (record or {"step": step, "loss": float(np.mean(losses))})
+                    record |= self.evaluate()
+                    throughput.restart()  # evaluation time is not training throughput
+                if record:
+                    log.write(record)
+                    progress.update(step, record)
+                if config.checkpoint.every and step % config.checkpoint.every == 0:
+                    self.save(step)
+            self.save(step)
+        finally:
+            self.checkpoints.close()
+            progress.close()
+            records = log.records()
+            log.close()
+        if records:
+            write_loss_curve(records, self.directory / "loss_curve.png")
+        if stop.requested:
+            print(f"stopped by signal at step {step}; checkpoint saved", file=sys.stderr)
+        return 0
+
+    def _learning_rate(self, step: int) -> float:
+        from jft.config import build_schedule
+
+        return build_schedule(self.config.train, self.config.train.steps)(step - 1)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and perplexity, and exact match when `eval.generate` is set."""
+        from jft.train_step import eval_step
+
+        total, count = 0.0, 0
+        for batch in self.eval_batches:
+            loss_sum, targets = eval_step(self.model_config, self.base, self.state.adapters,
+                                          batch)
+            total, count = total + float(loss_sum), count + int(targets)
+        loss = total / max(count, 1)
+        out = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+        if self.config.eval.generate:
+            out["eval_exact_match"] = exact_match_score(
+                self.model_config, self.base, self.state.adapters, self.model.tokenizer,
+                self.data_config, self.config.eval,
+            )
+        return out
+
+
+def exact_match_score(model_config, params, adapters, tokenizer, data_config, eval_config):
+    """The fraction of eval examples whose greedy completion equals the reference."""
+    from jft.data import completion_reference, exact_match, load_examples
+    from jft.generation import generate_tokens
+
+    examples = list(load_examples(data_config.eval, data_config.format))
+    if eval_config.max_examples:
+        examples = examples[: eval_config.max_examples]
+    pairs = [completion_reference(e, data_config.format, tokenizer) for e in examples]
+    stop_ids = sorted(set(tokenizer.stop_ids))
+    generated = generate_tokens(model_config, params, [ids for ids, _ in pairs],
+                                eval_config.max_new_tokens, stop_ids, adapters=adapters)
+    hits = [exact_match(tokenizer.decode(out), ref) for out, (_, ref) in
+            zip(generated, pairs, strict=True)]
+    return sum(hits) / max(len(hits), 1)
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop (pod slices get preempted)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int):
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step")
+
+    def update(self, step: int, record: dict):
+        shown = {k: record[k] for k in ("loss", "eval_loss", "eval_exact_match", "tokens_per_s")
+                 if k in record}
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+            return
+        print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
