@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -41,6 +43,16 @@ def main(argv: list[str]) -> int:
 
     run = Run(load_config(config, overrides), overwrite=args.overwrite)
     return run.train()
+
+
+def fine_tune(config: str | None, overrides: Sequence[str] = (), overwrite: bool = False
+              ) -> Path:
+    """`python -m jft.train` from Python (notebooks): trains, and returns the run directory."""
+    from jft.config import load_config
+
+    run = Run(load_config(config, list(overrides)), overwrite=overwrite)
+    run.train()
+    return run.directory
 
 
 class Run:
@@ -137,6 +149,11 @@ class Run:
         progress = _Progress(train.steps, self.start_step)
         step = self.start_step
         interval_tokens = 0
+        if step == 0 and self.eval_batches is not None:  # the baseline, before any update
+            baseline = self.evaluate()
+            (self.directory / "eval_before.json").write_text(json.dumps(baseline) + "\n")
+            progress.note("before training: " + _format(baseline))
+            throughput.restart()
         try:
             while step < train.steps and not stop.requested:
                 losses, tokens = [], 0
@@ -229,6 +246,15 @@ def exact_match_score(model_config, params, adapters, tokenizer, data_config, ev
     return sum(hits) / max(len(hits), 1)
 
 
+def _shown(record: dict) -> dict:
+    keys = ("loss", "eval_loss", "eval_exact_match", "tokens_per_s")
+    return {k: record[k] for k in keys if k in record}
+
+
+def _format(record: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in _shown(record).items())
+
+
 class _StopSignal:
     """SIGTERM / SIGINT ask the loop to checkpoint and stop (pod slices get preempted)."""
 
@@ -252,13 +278,17 @@ class _Progress:
             self.bar = tqdm(total=total, initial=start, unit="step")
 
     def update(self, step: int, record: dict):
-        shown = {k: record[k] for k in ("loss", "eval_loss", "eval_exact_match", "tokens_per_s")
-                 if k in record}
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in _shown(record).items()})
             return
-        print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+        print(f"step {step}: {_format(record)}", flush=True)
+
+    def note(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
 
     def close(self):
         if self.bar is not None:

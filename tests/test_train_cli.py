@@ -88,7 +88,7 @@ def test_cli_trains_and_writes_every_output(tiny_model, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 8
     model = jft.load(tiny_model, adapter=run)  # the adapter in use
     assert model.adapters and model.adapters[0].method == "lora"
-    assert isinstance(model.generate("Rewrite the date 2001-02-03 as DD/MM/YYYY.\nAnswer:",
+    assert isinstance(model.generate("Rewrite the date 2001-02-03 as DD/MM/YYYY. Answer:",
                                      max_new_tokens=3), str)
 
 

@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 
 def example(rng: random.Random) -> dict:
     day = datetime.date(1950, 1, 1) + datetime.timedelta(days=rng.randrange(365 * 100))
-    return {"prompt": f"Rewrite the date {day.isoformat()} as DD/MM/YYYY.\nAnswer:",
+    return {"prompt": f"Rewrite the date {day.isoformat()} as DD/MM/YYYY. Answer:",
             "completion": f" {day.strftime('%d/%m/%Y')}"}
 
 
