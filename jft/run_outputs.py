@@ -70,9 +70,9 @@ def _free_name(directory: Path) -> Path:
 class MetricsLog:
     """metrics.jsonl (one object per logged step) plus TensorBoard events."""
 
-    def __init__(self, directory: Path, resume_step: int | None):
+    def __init__(self, directory: Path, resume_step: int):
         self.path = directory / METRICS_FILE
-        if resume_step is not None:  # drop what was logged after the restored checkpoint
+        if self.path.exists():  # drop what was logged after the restored checkpoint
             kept = [line for line in self._lines() if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(kept))
         self.file = open(self.path, "a")

@@ -86,6 +86,7 @@ class Run:
         self.start_step = 0
         if resuming and self.checkpoints.latest_step() is not None:
             self._restore()
+        self.last_saved = self.start_step if self.start_step else None
         self.eval_batches = None
         if config.data.eval and config.eval.every:
             self.eval_batches = list(make_batcher(
@@ -125,6 +126,9 @@ class Run:
     def save(self, step: int):
         from jft.peft.factory import config_to_options
 
+        if step == self.last_saved:  # e.g. a finished run started again
+            return
+        self.last_saved = step
         adapter = self.state.adapters[0]
         self.checkpoints.save(step, self.state, {
             "step": step, "data": self.batcher.state(), "base": self.base_hash,
@@ -139,7 +143,9 @@ class Run:
         from jft.train_step import train_step
 
         config, train = self.config, self.config.train
-        log = MetricsLog(self.directory, self.start_step if self.start_step else None)
+        # Drops whatever was logged after the checkpoint being resumed (all of it when the
+        # run died before its first checkpoint).
+        log = MetricsLog(self.directory, self.start_step)
         trainable = self.adapter.impl.num_params(self.adapter.delta, self.model_config,
                                                  self.adapter.config)
         throughput = Throughput(flops_per_token(
@@ -180,7 +186,9 @@ class Run:
                     record = {"step": step, "loss": float(np.mean(losses)),
                               "learning_rate": float(self._learning_rate(step)),
                               "grad_norm": float(metrics["grad_norm"]),
-                              "skipped_steps": int(self.state.skipped)}
+                              "skipped_steps": int(self.state.skipped),
+                              "truncated_examples": self.batcher.counters["truncated"],
+                              "dropped_examples": self.batcher.counters["dropped"]}
                     if interval_tokens:  # none yet right after the compiling first step
                         record |= throughput.measure(interval_tokens)
                     interval_tokens = 0

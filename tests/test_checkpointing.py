@@ -33,7 +33,8 @@ def test_train_state_round_trips_with_its_metadata(tmp_path):
                                 "adapters": jax.tree.map(lambda x: x + 1, state.adapters)})
     checkpoints = RunCheckpoints(tmp_path / "checkpoints", keep=2)
     for step in (1, 2, 3):
-        checkpoints.save(step, state, {"data": {"epoch": 0, "position": step}}, {})
+        checkpoints.save(step, state, {"data": {"epoch": 0, "position": step}},
+                         state.adapters[0].delta)
     checkpoints.wait()
     assert checkpoints.manager.all_steps() == [2, 3]  # keeps the last two
     _, template = _state(seed=9)
@@ -49,7 +50,7 @@ def test_train_state_round_trips_with_its_metadata(tmp_path):
 def test_a_checkpoint_of_another_method_shape_is_refused(tmp_path):
     _, state = _state(r=4)
     checkpoints = RunCheckpoints(tmp_path / "checkpoints", keep=1)
-    checkpoints.save(1, state, {}, {})
+    checkpoints.save(1, state, {}, state.adapters[0].delta)
     checkpoints.wait()
     _, other = _state(r=8)
     with pytest.raises(JftError, match="checkpoint"):

@@ -41,12 +41,6 @@ TOKENS = _RNG.integers(3, VOCAB, (2, 9))
 LAYER1_Q = "model.layers.1.self_attn.q_proj"
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    hf_model = save_hf_model("llama", directory)
-    checkpoint = load_checkpoint(directory, dtype="float32")
-    return hf_model, checkpoint.config.replace(dtype="float32"), checkpoint.params
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
 from jft.models import forward
 from jft.peft import Adapter, Targets
 from jft.peft.base import module_dims
 from jft.peft.lora import LORA, LoraConfig
-from tests.hf_reference import VOCAB, hf_logits, save_hf_model
+from tests.hf_reference import VOCAB, hf_logits
 
 TOKENS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 11))
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    hf_model = save_hf_model("llama", directory)
-    checkpoint = load_checkpoint(directory, dtype="float32")
-    return hf_model, checkpoint.config.replace(dtype="float32"), checkpoint.params
 
 
 def _peft_model(hf_model, **lora_kwargs):

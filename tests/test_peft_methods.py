@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
 from jft.models import ModelConfig, RopeConfig, config_from_hf, forward, param_shapes
 from jft.peft import Adapter, Targets, bitfit, full, ia3, norm_tuning, ssf
 from jft.peft.base import module_dims
-from tests.hf_reference import VOCAB, hf_logits, make_hf_model, save_hf_model
+from tests.hf_reference import VOCAB, hf_logits, make_hf_model
 
 _logits = jax.jit(forward, static_argnums=0)
 
@@ -198,12 +197,6 @@ def test_bitfit_trains_the_existing_biases_of_a_model_with_them():
 # ------------------------------------------------------------------------- vs PEFT
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    hf_model = save_hf_model("llama", directory)
-    checkpoint = load_checkpoint(directory, dtype="float32")
-    return hf_model, checkpoint.config.replace(dtype="float32"), checkpoint.params
 
 
 IA3_CASES = {

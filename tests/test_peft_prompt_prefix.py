@@ -37,12 +37,6 @@ TOKENS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 9)).astype(np.int3
 P = 4
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    hf_model = save_hf_model("llama", directory)
-    checkpoint = load_checkpoint(directory, dtype="float32")
-    return hf_model, checkpoint.config.replace(dtype="float32"), checkpoint.params
 
 
 def _peft_model(hf_model, peft_config):

@@ -143,3 +143,23 @@ def test_bad_data_files_are_one_line_errors(tiny_model, tmp_path, content, messa
     out = _train(_config(tmp_path, tiny_model, **{"data.train": str(data)}), check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model, tmp_path):
+    config = _config(tmp_path, tiny_model, **{"train.steps": 400, "eval.every": 0,
+                                              "checkpoint.every": 0})
+    process = subprocess.Popen([sys.executable, "-m", "jft.train", str(config)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped by signal" in stderr
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert saved and 3 <= saved[-1] < 400
+    assert _metrics(tmp_path / "run")[-1]["step"] == saved[-1]
