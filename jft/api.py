@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ class Model:
     params: dict[str, Any]
     tokenizer: Tokenizer | None
     source: Path
-    adapters: list = dataclasses.field(default_factory=list)  # applied unmerged
+    adapters: list = field(default_factory=list)  # applied unmerged
 
     def logits(self, token_ids) -> jax.Array:
         """Logits [B, T, V] for token ids [T] or [B, T]."""

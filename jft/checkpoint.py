@@ -186,7 +186,8 @@ def _load_gguf(path: Path, dtype) -> Checkpoint:
         if name not in tensors:
             raise JftError(f"{path}: tensor {name!r} is missing")
         if config.norm_plus_one and name.endswith("norm.weight"):
-            return gguf_file.read(name) - 1.0  # llama.cpp stores Gemma's norms as 1 + w
+            # llama.cpp stores Gemma's norms as 1 + w
+            return gguf_file.read(name, rows=rows) - 1.0
         weights = gguf_file.read(name, dtype, rows)
         if architecture == "llama" and name.endswith(_ROTARY_PERMUTED):
             heads = config.num_heads if "attn_q" in name else config.num_kv_heads

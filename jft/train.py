@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -93,6 +94,9 @@ class Run:
                 self.data_config, model.tokenizer, config.eval.batch_size or train.batch_size,
                 split="eval",
             ))
+        if config.eval.generate:  # read and tokenized once, not at every evaluation
+            self.eval_references = _eval_references(model.tokenizer, self.data_config,
+                                                    config.eval)
 
     def _create_adapter(self):
         from jft.data import make_batcher
@@ -114,6 +118,12 @@ class Run:
         train = self.config.train
         optimizer = masked_optimizer(build_optimizer(train, train.steps), [self.adapter])
         return wrap_accumulation(optimizer, train.grad_accum)
+
+    @functools.cached_property
+    def schedule(self):
+        from jft.config import build_schedule
+
+        return build_schedule(self.config.train, self.config.train.steps)
 
     def _restore(self):
         self.state, meta = self.checkpoints.restore(self.state)
@@ -184,7 +194,7 @@ class Run:
                 record = None
                 if step % train.log_every == 0 or step == train.steps:
                     record = {"step": step, "loss": float(np.mean(losses)),
-                              "learning_rate": float(self._learning_rate(step)),
+                              "learning_rate": float(self.schedule(step - 1)),
                               "grad_norm": float(metrics["grad_norm"]),
                               "skipped_steps": int(self.state.skipped),
                               "truncated_examples": self.batcher.counters["truncated"],
@@ -213,11 +223,6 @@ class Run:
             print(f"stopped by signal at step {step}; checkpoint saved", file=sys.stderr)
         return 0
 
-    def _learning_rate(self, step: int) -> float:
-        from jft.config import build_schedule
-
-        return build_schedule(self.config.train, self.config.train.steps)(step - 1)
-
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and perplexity, and exact match when `eval.generate` is set."""
         from jft.train_step import eval_step
@@ -230,28 +235,33 @@ class Run:
         loss = total / max(count, 1)
         out = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
         if self.config.eval.generate:
-            out["eval_exact_match"] = exact_match_score(
-                self.model_config, self.base, self.state.adapters, self.model.tokenizer,
-                self.data_config, self.config.eval,
-            )
+            out["eval_exact_match"] = self._exact_match()
         return out
 
+    def _exact_match(self) -> float:
+        """The fraction of eval examples whose greedy completion equals the reference."""
+        from jft.data import exact_match
+        from jft.generation import generate_tokens
 
-def exact_match_score(model_config, params, adapters, tokenizer, data_config, eval_config):
-    """The fraction of eval examples whose greedy completion equals the reference."""
-    from jft.data import completion_reference, exact_match, load_examples
-    from jft.generation import generate_tokens
+        tokenizer = self.model.tokenizer
+        generated = generate_tokens(
+            self.model_config, self.base, [ids for ids, _ in self.eval_references],
+            self.config.eval.max_new_tokens, sorted(set(tokenizer.stop_ids)),
+            adapters=self.state.adapters,
+        )
+        hits = [exact_match(tokenizer.decode(out), reference)
+                for out, (_, reference) in zip(generated, self.eval_references, strict=True)]
+        return sum(hits) / max(len(hits), 1)
+
+
+def _eval_references(tokenizer, data_config, eval_config) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference text) of the eval examples exact match is scored on."""
+    from jft.data import completion_reference, load_examples
 
     examples = list(load_examples(data_config.eval, data_config.format))
     if eval_config.max_examples:
         examples = examples[: eval_config.max_examples]
-    pairs = [completion_reference(e, data_config.format, tokenizer) for e in examples]
-    stop_ids = sorted(set(tokenizer.stop_ids))
-    generated = generate_tokens(model_config, params, [ids for ids, _ in pairs],
-                                eval_config.max_new_tokens, stop_ids, adapters=adapters)
-    hits = [exact_match(tokenizer.decode(out), ref) for out, (_, ref) in
-            zip(generated, pairs, strict=True)]
-    return sum(hits) / max(len(hits), 1)
+    return [completion_reference(e, data_config.format, tokenizer) for e in examples]
 
 
 def _shown(record: dict) -> dict:
