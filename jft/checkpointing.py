@@ -71,7 +71,9 @@ class RunCheckpoints:
 
 def load_adapter(run_dir: str | os.PathLike, base, model):
     """The adapter of a run's latest checkpoint over `base`: (the base it applies to,
-    [Adapter]). The base is rewritten only for PiSSA-like inits (`rebase`)."""
+    [Adapter]). The adapter is in the form that applies to an unmodified base where the
+    method has one (`split`: S2FT's indexed form); the base is rewritten only for
+    PiSSA-like inits (`rebase`)."""
     from jft.peft import Adapter, get_method, make_config
 
     directory = Path(run_dir).absolute() / "checkpoints"
@@ -89,6 +91,7 @@ def load_adapter(run_dir: str | os.PathLike, base, model):
     config = make_config(meta["method"], meta["options"])
     delta = jax.tree.map(jax.numpy.asarray, restored.adapter)
     impl = get_method(meta["method"])
+    delta, config = impl.split(delta, model, config)
     return impl.rebase(base, delta, model, config), [Adapter(delta, meta["method"], config)]
 
 

@@ -150,7 +150,7 @@ class Run:
 
     def train(self) -> int:
         from jft.run_outputs import MetricsLog, Throughput, flops_per_token, write_loss_curve
-        from jft.train_step import train_step
+        from jft.train_step import refresh_state, train_step
 
         config, train = self.config, self.config.train
         # Drops whatever was logged after the checkpoint being resumed (all of it when the
@@ -180,6 +180,9 @@ class Run:
                     losses.append(float(metrics["loss"]))
                     tokens += int(np.sum(batch["segment_ids"] != 0))
                 step += 1
+                if step < train.steps:  # SpIEL regrows, LISA switches layers, HFT re-rounds
+                    self.state = refresh_state(self.model_config, self.optimizer, self.state,
+                                               step, train.steps)
                 interval_tokens += tokens
                 if step == self.start_step + 1:  # the first step compiles: not throughput
                     throughput.restart()

@@ -8,6 +8,7 @@ token of every example is never a target, and packed examples never see each oth
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from jft.models import ModelConfig, forward
+from jft.peft.base import Adapter, combine, partition
+from jft.peft.optim import reset_state
 
 
 @jax.tree_util.register_dataclass
@@ -24,8 +27,8 @@ from jft.models import ModelConfig, forward
 class TrainState:
     """Everything a step updates (donated to it, so a step never doubles memory)."""
 
-    adapters: Any  # the trainable deltas, kept in float32 (the master copy)
-    opt_state: Any
+    adapters: Any  # the deltas; their trainable leaves in float32 (the master copy)
+    opt_state: Any  # over the adapters' trainable part
     step: jax.Array
     rng: jax.Array
     bad_steps: jax.Array  # non-finite steps in a row
@@ -35,8 +38,10 @@ class TrainState:
 def init_state(adapters, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     # Fresh buffers throughout: the step donates the state, and a buffer may be donated
     # only once (optimisers may share one zeros array between their moments).
-    adapters = jax.tree.map(lambda x: jnp.array(x, jnp.float32), adapters)
-    opt_state = jax.tree.map(jnp.copy, optimizer.init(adapters))
+    trainable, frozen = partition(adapters)
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable)
+    adapters = combine(trainable, jax.tree.map(jnp.array, frozen))
+    opt_state = jax.tree.map(jnp.copy, optimizer.init(trainable))
 
     def counter():
         return jnp.zeros((), jnp.int32)
@@ -82,17 +87,18 @@ def train_step(model: ModelConfig, optimizer: optax.GradientTransformation, stat
                params, batch):
     """One update; a non-finite loss or gradient skips it (and is counted)."""
     rng, step_rng = jax.random.split(state.rng)
+    trainable, frozen = partition(state.adapters)
     (loss, count), grads = jax.value_and_grad(
-        lambda adapters: mean_loss(model, params, adapters, batch, step_rng), has_aux=True
-    )(state.adapters)
+        lambda part: mean_loss(model, params, combine(part, frozen), batch, step_rng),
+        has_aux=True,
+    )(trainable)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, opt_state = optimizer.update(safe_grads, state.opt_state, state.adapters)
-    adapters = optax.apply_updates(state.adapters, updates)
+    updates, opt_state = optimizer.update(safe_grads, state.opt_state, trainable)
     keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     state = TrainState(
-        adapters=keep(adapters, state.adapters),
+        adapters=combine(keep(optax.apply_updates(trainable, updates), trainable), frozen),
         opt_state=keep(opt_state, state.opt_state),
         step=state.step + 1,
         rng=rng,
@@ -101,6 +107,33 @@ def train_step(model: ModelConfig, optimizer: optax.GradientTransformation, stat
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
     return state, metrics
+
+
+def refresh_state(model: ModelConfig, optimizer: optax.GradientTransformation,
+                  state: TrainState, step: int, total_steps: int) -> TrainState:
+    """After update `step`: adapters whose method reselects what it trains (SpIEL, LISA,
+    HFT) do so every `refresh_every` steps, and the optimiser state of what they
+    reselected starts afresh. Shapes never change, so the train step never recompiles."""
+    adapters, resets, changed = list(state.adapters), [], False
+    for i, adapter in enumerate(adapters):
+        every = adapter.impl.refresh_every(adapter.config)
+        reset = jax.tree.map(lambda _: False, adapter.delta)
+        if every and step % every == 0:
+            key = jax.random.fold_in(jax.random.fold_in(state.rng, step), i)
+            delta, reset = adapter.impl.refresh(adapter.delta, step, total_steps, key, model,
+                                                adapter.config)
+            adapters[i] = Adapter(delta, adapter.method, adapter.config)
+            changed = True
+        resets.append(reset)
+    if not changed:
+        return state
+    opt_state = _reset_state(optimizer, state.opt_state, adapters, resets)
+    return dataclasses.replace(state, adapters=adapters, opt_state=opt_state)
+
+
+@partial(jax.jit, static_argnums=0)
+def _reset_state(optimizer, opt_state, adapters, resets):
+    return reset_state(optimizer, opt_state, adapters, resets)
 
 
 @partial(jax.jit, static_argnums=0)

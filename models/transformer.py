@@ -242,7 +242,13 @@ class LayerHooks:
         for adapter, delta in self.pairs:
             x = adapter.impl.linear_input(module, x, delta, self, adapter.config)
         weight = layer[module].astype(dtype)
-        y = jnp.einsum(equation, x, weight)
+        y = None
+        for adapter, delta in self.pairs:
+            if y is None:
+                y = adapter.impl.linear(module, x, weight, equation, adapter.delta, delta, self,
+                                        adapter.config)
+        if y is None:
+            y = jnp.einsum(equation, x, weight)
         bias = layer[bias].astype(dtype) if bias is not None and bias in layer else None
         if bias is not None:
             y = y + bias
@@ -250,6 +256,11 @@ class LayerHooks:
             y = adapter.impl.linear_output(module, x, y, weight, bias, delta, self,
                                            adapter.config)
         return y
+
+    def edit_layer(self, layer):
+        for adapter, delta in self.pairs:
+            layer = adapter.impl.edit_layer(layer, adapter.delta, delta, self, adapter.config)
+        return layer
 
     def attention_prefix(self):
         """Concatenated per-layer key/value prefixes [P, K, H] of all adapters, or None."""
@@ -265,6 +276,7 @@ class LayerHooks:
 def _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
     """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
     dtype = x.dtype
+    layer = hooks.edit_layer(layer)
     h = rms_norm(x, layer["attn_norm"], config)
     q = hooks.linear("q_proj", h, layer, "BTD,DNH->BTNH", "q_bias")
     k = hooks.linear("k_proj", h, layer, "BTD,DKH->BTKH", "k_bias")

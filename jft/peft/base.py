@@ -67,6 +67,35 @@ class Method(Protocol):
     def attention_prefix(self, delta_layer: Delta, layer, config: Any):
         """This layer's key/value prefixes ([P, K, H], [P, K, H]), or None."""
 
+    def edit_layer(self, layer_params: dict, delta: Delta, delta_layer: Delta, layer,
+                   config: Any) -> dict:
+        """One layer's params inside the scan, before anything runs (LISA swaps its active
+        layers in here). `delta` is the whole delta, `delta_layer` this layer's slice."""
+
+    def linear(self, module: str, x: jax.Array, weight: jax.Array, equation: str,
+               delta: Delta, delta_layer: Delta, layer, config: Any) -> jax.Array | None:
+        """The matmul `einsum(equation, x, weight)` done the method's way, or None for the
+        plain one (LISA and HFT differentiate the weight only on active layers)."""
+
+    def optimizer_overrides(self, config: Any) -> dict[str, Any]:
+        """optax transforms that replace the run's optimiser on the trainable delta leaves of
+        these names (SpIEL sums its candidates' gradients with `optax.identity`)."""
+
+    def refresh_every(self, config: Any) -> int:
+        """Optimiser steps between `refresh` calls; 0: never."""
+
+    def refresh(self, delta: Delta, step: int, total_steps: int, key: jax.Array,
+                model: ModelConfig, config: Any) -> tuple[Delta, Any]:
+        """Between two updates, every `refresh_every` steps: reselects what is trained
+        (SpIEL regrows, LISA switches layers, HFT starts a round). Returns the new delta,
+        with every leaf's shape and dtype unchanged (so nothing recompiles), and a tree
+        shaped like `delta` of bool arrays (broadcastable to the leaf): True where the
+        optimiser state must start afresh."""
+
+    def split(self, delta: Delta, model: ModelConfig, config: Any) -> tuple[Delta, Any]:
+        """(delta, config) of an adapter that applies to the unmodified base (S2FT's
+        indexed form of its permuted training layout); unchanged by default."""
+
     def merge(self, base: dict, delta: Delta, model: ModelConfig, config: Any) -> dict:
         """The base with the delta folded in (computed in fp32, cast back)."""
 
@@ -110,6 +139,24 @@ class MethodBase:
 
     def attention_prefix(self, delta_layer, layer, config):
         return None
+
+    def edit_layer(self, layer_params, delta, delta_layer, layer, config):
+        return layer_params
+
+    def linear(self, module, x, weight, equation, delta, delta_layer, layer, config):
+        return None
+
+    def optimizer_overrides(self, config):
+        return {}
+
+    def refresh_every(self, config) -> int:
+        return 0
+
+    def refresh(self, delta, step, total_steps, key, model, config):
+        raise NotImplementedError(f"{self.name} does not refresh")
+
+    def split(self, delta, model, config):
+        return delta, config
 
     def prefix_length(self, config) -> int:
         """Tokens of attention prefix; the real tokens' positions start after them."""
@@ -164,6 +211,29 @@ class Adapter:
     @property
     def impl(self) -> MethodBase:
         return get_method(self.method)
+
+
+# The training step differentiates, and the optimiser sees, only the trainable leaves;
+# the rest of a delta (indices, permutations, LISA's parked layers, PiSSA's initial
+# factors) rides along untouched. The two parts have None where the other has a leaf.
+
+
+def partition(adapters: Sequence[Adapter]) -> tuple[list[Adapter], list[Adapter]]:
+    """(trainable part, frozen part) of each adapter's delta."""
+    trainable, frozen = [], []
+    for adapter in adapters:
+        mask = adapter.impl.trainable(adapter.delta, adapter.config)
+        keep = jax.tree.map(lambda x, m: x if m else None, adapter.delta, mask)
+        rest = jax.tree.map(lambda x, m: None if m else x, adapter.delta, mask)
+        trainable.append(Adapter(keep, adapter.method, adapter.config))
+        frozen.append(Adapter(rest, adapter.method, adapter.config))
+    return trainable, frozen
+
+
+def combine(trainable: Sequence[Adapter], frozen: Sequence[Adapter]) -> list[Adapter]:
+    """The adapters `partition` split."""
+    return jax.tree.map(lambda t, f: f if t is None else t, list(trainable), list(frozen),
+                        is_leaf=lambda x: x is None)
 
 
 # ---------------------------------------------------------------- targeting
