@@ -34,6 +34,7 @@ Optimizer = Literal["adamw", "sgd", "adafactor", "lion"]
 BUNDLED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")  # as jft.bundled.BUNDLED
 # LoRA inits that need calibration batches (PiSSA only needs the weights).
 DATA_DRIVEN_INITS = ("eva", "corda", "loraga")
+DATA_DRIVEN_SELECTIONS = ("activation", "gradient")  # S2FT's
 
 # Keys that do not change what a run computes, so an existing output_dir still holds the
 # same run when only these differ (see fingerprint() and docs/config.md).
@@ -77,7 +78,8 @@ class MethodSection:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.options.get("init") in DATA_DRIVEN_INITS
+        return (self.options.get("init") in DATA_DRIVEN_INITS
+                or self.options.get("selection") in DATA_DRIVEN_SELECTIONS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

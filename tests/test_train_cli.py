@@ -92,6 +92,25 @@ def test_cli_trains_and_writes_every_output(tiny_model, tmp_path):
                                      max_new_tokens=3), str)
 
 
+@pytest.mark.parametrize("method", [
+    {"name": "s2ft", "attention_ratio": 0.5, "mlp_ratio": 0.1,
+     "attention_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    {"name": "spiel", "density": 0.05, "reselection_steps": 2},
+    {"name": "lisa", "activated_layers": 1, "interval_steps": 2},
+    {"name": "hft", "interval_steps": 3},
+], ids=lambda m: m["name"])
+def test_sparse_and_layer_methods_train_from_the_cli(tiny_model, tmp_path, method):
+    _train(_config(tmp_path, tiny_model, method=method,
+                   **{"train.steps": 6, "eval.every": 0, "checkpoint.every": 0}))
+    records = _metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["loss"] < records[0]["loss"]
+    model = jft.load(tiny_model, adapter=tmp_path / "run")
+    assert model.adapters[0].method == method["name"]
+    assert isinstance(model.generate("Rewrite the date 2001-02-03 as DD/MM/YYYY. Answer:",
+                                     max_new_tokens=3), str)
+
+
 def test_resume_after_kill_9_logs_the_same_losses(tiny_model, tmp_path):
     straight = tmp_path / "straight"
     straight.mkdir()

@@ -12,6 +12,7 @@ from jft.peft import (  # each module registers its method
     norm_tuning,
     prefix_tuning,
     prompt_tuning,
+    s2ft,
     ssf,
 )
 from jft.peft.base import REGISTRY, Adapter, MethodBase, Targets, get_method, register
@@ -20,5 +21,5 @@ from jft.peft.factory import create, make_config
 __all__ = [
     "REGISTRY", "Adapter", "MethodBase", "Targets", "bitfit", "create", "full",
     "get_method", "ia3", "lora", "make_config", "norm_tuning", "prefix_tuning",
-    "prompt_tuning", "register", "ssf",
+    "prompt_tuning", "register", "s2ft", "ssf",
 ]

@@ -257,6 +257,8 @@ def _layer_step(layer, index, is_sliding, x, segment_ids, stat_mask, *, model, g
             mean = jnp.sum(jnp.where(keep, rows, 0), axis=0) / jnp.maximum(count, 1.0)
             centred = jnp.where(keep, rows - mean, 0)
             stats[group] = (count, mean, centred.T @ centred)
+        elif kind == "magnitude":  # summed |x| per input feature (S2FT's activation scores)
+            stats[group] = jnp.sum(jnp.where(keep, jnp.abs(rows), 0), axis=0)
         else:  # CorDA: X^T X of the batch scaled by its largest entry (PEFT's hook)
             top = jnp.max(jnp.where(keep, rows, -jnp.inf))
             scaled = jnp.where(keep, rows / jnp.abs(top), 0)
@@ -284,6 +286,13 @@ def _layer_statistics(base, model, batches, groups, kind, last_layer, label_mask
                 for g in groups
             }
         yield layer, total
+
+
+def input_magnitudes(base, model, batches, modules):
+    """Yields (layer, {module: summed |input| per input feature [in]}) over the prepared
+    `batches`, layer by layer (real tokens only)."""
+    last = model.num_layers - 1
+    yield from _layer_statistics(base, model, batches, tuple(modules), "magnitude", last)
 
 
 @jax.jit
@@ -571,7 +580,12 @@ def loraga_gradients(base, model, config, calibration_batches) -> dict[str, jax.
 
 
 def _loraga_gradients(base, model, config, batches):
-    weights = {m: base["layers"][m] for m in plan(model, config)}
+    return mean_weight_gradients(base, model, tuple(plan(model, config)), batches)
+
+
+def mean_weight_gradients(base, model, modules, batches) -> dict[str, jax.Array]:
+    """module -> the mean over prepared `batches` (see `_batches`) of d loss / d W."""
+    weights = {m: base["layers"][m] for m in modules}
     total = None
     for tokens, segments, loss_mask in batches:
         grads = _weight_gradients(model, weights, base, tokens, segments, loss_mask)

@@ -1,0 +1,430 @@
+"""S2FT, structured sparse fine-tuning: select sparsely, compute densely.
+
+Each layer trains a few *units*:
+- an attention unit is a KV head together with its G = N / K query heads (under plain
+  multi-head attention, one head): the unit's output columns of q/k/v_proj and its input
+  rows of o_proj;
+- an FFN unit is an intermediate channel: a column of gate_proj and up_proj, the matching
+  row of down_proj.
+
+`attention_modules` / `mlp_modules` say which of those matrices train their units' slices
+(the paper's released recipes train down_proj only, or o_proj and down_proj).
+
+Co-permutation: attention is equivariant under permuting KV heads (with their query
+groups) and the FFN under permuting channels, so `rebase` reorders the base's coupled
+weights (q, k, v, o and their biases by KV group; gate, up, down and their biases by
+channel) until each layer's selected units come first. The model computes exactly the
+same function, and the trainable part is a dense block per module: the first C units'
+slice, C being the most units any layer selected (layers with fewer mask the rest).
+
+Partial backprop: the frozen base is never differentiated. A block enters as a branch
+beside the frozen matmul, y = x W + x[..., :C] B for input-side modules (o, down) and
+y[..., :C] += x B for output-side ones (q, k, v, gate, up), so the backward pass keeps
+only the C input columns (input side) for the block's gradient and computes dx through
+the frozen weight; it never forms a weight gradient of the full matrix.
+
+Selection (`selection`): `random` (the paper's), `weight` (norm of the unit's slices of
+the trained matrices), `activation` (mean |input| of o_proj / down_proj over calibration
+batches: the unit's own output) or `gradient` (norm of the unit's slices of the mean
+loss gradient over calibration batches), picking the largest scores (or the smallest,
+`largest: false`). Counts come from `*_ratio` or `*_count`, per layer (`scope: layer`)
+or over the pool of all layers' units (`scope: global`, the paper's).
+
+Layouts: `permuted` (training) applies to the co-permuted base; `split()` turns it into
+the `indexed` layout, which stores each layer's unit ids and applies to (and merges into
+or out of) the original, unpermuted base, so several S2FT adapters can serve side by
+side over one base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jft.errors import JftError
+from jft.models import ModelConfig
+from jft.peft.base import MethodBase, module_dims, register
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+INPUT_SIDE = ("o_proj", "down_proj")  # the unit axis is an input axis
+SELECTIONS = ("random", "weight", "activation", "gradient")
+# Which axis (after L) of each base param is permuted, and by which group:
+# "kv" permutes KV heads, "q" the query heads that follow their KV head.
+_PERMUTED_AXES = {
+    "q_proj": ("q", 2), "k_proj": ("kv", 2), "v_proj": ("kv", 2), "o_proj": ("q", 1),
+    "q_bias": ("q", 1), "k_bias": ("kv", 1), "v_bias": ("kv", 1),
+    "gate_proj": ("mlp", 2), "up_proj": ("mlp", 2), "down_proj": ("mlp", 1),
+    "gate_bias": ("mlp", 1), "up_bias": ("mlp", 1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class S2FTConfig:
+    attention_modules: tuple[str, ...] = ("v_proj", "o_proj")
+    attention_ratio: float = 0.0
+    attention_count: int | None = None
+    mlp_modules: tuple[str, ...] = ("down_proj",)
+    mlp_ratio: float = 0.03
+    mlp_count: int | None = None
+    scope: Literal["global", "layer"] = "global"
+    selection: Literal["random", "weight", "activation", "gradient"] = "random"
+    largest: bool = True
+    layout: Literal["permuted", "indexed"] = "permuted"
+
+    def __post_init__(self):
+        for name, allowed in (("attention_modules", ATTENTION), ("mlp_modules", MLP)):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            object.__setattr__(self, name, value)
+            bad = [m for m in value if m not in allowed]
+            if bad:
+                raise JftError(f"s2ft {name} has {bad[0]!r}; valid: {', '.join(allowed)}")
+        for name in ("attention_ratio", "mlp_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise JftError(f"s2ft {name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("attention_count", "mlp_count"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise JftError(f"s2ft {name} must be >= 0, got {getattr(self, name)}")
+        checks = (("scope", ("global", "layer")), ("selection", SELECTIONS),
+                  ("layout", ("permuted", "indexed")))
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise JftError(f"s2ft {name} {getattr(self, name)!r}; valid: "
+                               f"{', '.join(allowed)}")
+        if not self.groups():
+            raise JftError("s2ft selects nothing: set attention_ratio / attention_count (with "
+                           "attention_modules) or mlp_ratio / mlp_count (with mlp_modules)")
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Unit group ("attention", "mlp") -> the modules that train its units."""
+        out = {}
+        if self.attention_modules and (self.attention_count or
+                                       (self.attention_count is None and self.attention_ratio)):
+            out["attention"] = self.attention_modules
+        if self.mlp_modules and (self.mlp_count or (self.mlp_count is None and self.mlp_ratio)):
+            out["mlp"] = self.mlp_modules
+        return out
+
+
+def _group_of(module: str) -> str:
+    return "attention" if module in ATTENTION else "mlp"
+
+
+def _units(model: ModelConfig, group: str) -> int:
+    return model.num_kv_heads if group == "attention" else model.mlp_dim
+
+
+def _slots(model: ModelConfig, module: str, capacity: int) -> int:
+    """Block size along the unit axis: query heads count G per attention unit."""
+    if module in ("q_proj", "o_proj"):
+        return capacity * (model.num_heads // model.num_kv_heads)
+    return capacity
+
+
+def _unit_axis(module: str) -> int:
+    """The unit axis of a [L, ...] block or weight."""
+    return {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 2,
+            "up_proj": 2, "down_proj": 1}[module]
+
+
+# ---------------------------------------------------------------- selection
+
+
+def select_units(key, base, model: ModelConfig, config: S2FTConfig,
+                 calibration_batches=None) -> dict[str, list[np.ndarray]]:
+    """group -> per layer, the sorted ids of the selected units."""
+    scores = _scores(key, base, model, config, calibration_batches)
+    chosen = {}
+    for group, score in scores.items():  # score [L, units]
+        layers, units = score.shape
+        ratio, count = ((config.attention_ratio, config.attention_count) if group == "attention"
+                        else (config.mlp_ratio, config.mlp_count))
+        pool = units if config.scope == "layer" else layers * units
+        total = count if count is not None else max(1, round(ratio * pool))
+        if total > pool:
+            raise JftError(f"s2ft selects {total} {group} units from a pool of {pool}")
+        signed = score if config.largest else -score
+        if config.scope == "layer":
+            picked = [np.sort(np.argsort(-row, kind="stable")[:total]) for row in signed]
+        else:
+            flat = np.argsort(-signed.reshape(-1), kind="stable")[:total]
+            mask = np.zeros(layers * units, bool)
+            mask[flat] = True
+            picked = [np.flatnonzero(row) for row in mask.reshape(layers, units)]
+        chosen[group] = picked
+    return chosen
+
+
+def _scores(key, base, model, config, batches) -> dict[str, np.ndarray]:
+    groups = config.groups()
+    if config.selection == "random":
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        return {g: rng.random((model.num_layers, _units(model, g))) for g in groups}
+    if config.selection == "weight":
+        return {g: _unit_norms({m: base["layers"][m] for m in modules}, model)
+                for g, modules in groups.items()}
+    from jft.peft import lora_inits
+
+    prepared = lora_inits._batches(batches, f"s2ft selection {config.selection!r}")
+    if config.selection == "gradient":
+        modules = [m for ms in groups.values() for m in ms]
+        grads = lora_inits.mean_weight_gradients(base, model, modules, prepared)
+        return {g: _unit_norms({m: grads[m] for m in ms}, model) for g, ms in groups.items()}
+    # activation: |input| of o_proj (per query head, summed per KV group) and down_proj
+    inputs = {"attention": "o_proj", "mlp": "down_proj"}
+    wanted = tuple(inputs[g] for g in groups)
+    per_layer = [None] * model.num_layers
+    for layer, stats in lora_inits.input_magnitudes(base, model, prepared, wanted):
+        per_layer[layer] = stats
+    out = {}
+    for group in groups:
+        rows = np.stack([np.asarray(stats[inputs[group]]) for stats in per_layer])
+        if group == "attention":
+            rows = rows.reshape(model.num_layers, model.num_kv_heads, -1).sum(-1)
+        out[group] = rows
+    return out
+
+
+def _unit_norms(weights: dict[str, jax.Array], model: ModelConfig) -> np.ndarray:
+    """[L, units]: the norm of each unit's slices across `weights` (one group's modules)."""
+    total = 0.0
+    for module, w in weights.items():
+        w = np.asarray(w, np.float32)
+        axis = _unit_axis(module)
+        if module in ("q_proj", "o_proj"):  # query heads -> [.., K, G, ..]
+            shape = list(w.shape)
+            shape[axis:axis + 1] = [model.num_kv_heads, model.num_heads // model.num_kv_heads]
+            w = w.reshape(shape)
+            w = np.moveaxis(w, axis, 1).reshape(w.shape[0], model.num_kv_heads, -1)
+        else:
+            w = np.moveaxis(w, axis, 1).reshape(w.shape[0], w.shape[axis], -1)
+        total = total + np.sum(w * w, axis=-1)
+    return np.sqrt(total)
+
+
+# ---------------------------------------------------------------- permutation
+
+
+def _permutations(chosen, model):
+    """group -> (perm [L, units]: selected units first, then the rest, each ascending;
+    count [L])."""
+    out = {}
+    for group, picked in chosen.items():
+        units = _units(model, group)
+        perms, counts = [], []
+        for sel in picked:
+            rest = np.setdiff1d(np.arange(units), sel)
+            perms.append(np.concatenate([sel, rest]))
+            counts.append(len(sel))
+        out[group] = (np.stack(perms).astype(np.int32), np.asarray(counts, np.int32))
+    return out
+
+
+def _head_order(perm: jax.Array, groups: int) -> jax.Array:
+    """[L, K] KV-head order -> [L, N] query-head order (each KV head's group moves with it)."""
+    return (perm[:, :, None] * groups + jnp.arange(groups)).reshape(perm.shape[0], -1)
+
+
+def permute(base: dict, perms: dict[str, jax.Array], model: ModelConfig,
+            inverse: bool = False) -> dict:
+    """The base with its coupled weights reordered by `perms` (group -> [L, units]), or
+    put back in the original order (`inverse`). Pure data movement: exact."""
+    if inverse:
+        perms = {g: jnp.argsort(p, axis=1) for g, p in perms.items()}
+    orders = {}
+    if "attention" in perms:
+        groups = model.num_heads // model.num_kv_heads
+        orders["kv"] = perms["attention"]
+        orders["q"] = _head_order(perms["attention"], groups)
+    if "mlp" in perms:
+        orders["mlp"] = perms["mlp"]
+    layers = dict(base["layers"])
+    for name, (kind, axis) in _PERMUTED_AXES.items():
+        if name in layers and kind in orders:
+            layers[name] = _take(layers[name], orders[kind], axis)
+    return dict(base, layers=layers)
+
+
+@jax.jit
+def _take_impl(w, order):
+    return jax.vmap(lambda wl, ol: jnp.take(wl, ol, axis=0))(w, order)
+
+
+def _take(w, order, axis):
+    moved = jnp.moveaxis(w, axis, 1)
+    return jnp.moveaxis(_take_impl(moved, jnp.asarray(order)), 1, axis)
+
+
+# ---------------------------------------------------------------- the method
+
+
+class S2FT(MethodBase):
+    name = "s2ft"
+    Config = S2FTConfig
+
+    def init(self, key, base, model, config, calibration_batches=None):
+        if config.layout != "permuted":
+            raise JftError("s2ft adapters are created in the permuted layout; "
+                           "split() gives the indexed one")
+        chosen = select_units(key, base, model, config, calibration_batches)
+        layers = {}
+        for group, (perm, count) in _permutations(chosen, model).items():
+            layers[group] = {"perm": jnp.asarray(perm), "count": jnp.asarray(count)}
+            capacity = max(int(count.max()), 1)
+            for module in config.groups()[group]:
+                layers[module] = jnp.zeros(_block_shape(model, module, capacity), jnp.float32)
+        return {"layers": layers}
+
+    def rebase(self, base, delta, model, config):
+        if config.layout == "indexed":
+            return base
+        perms = {g: delta["layers"][g]["perm"] for g in config.groups()}
+        return permute(base, perms, model)
+
+    def split(self, delta, model, config):
+        """The indexed layout: each layer's unit ids instead of a permutation."""
+        if config.layout == "indexed":
+            return delta, config
+        layers = dict(delta["layers"])
+        for group, modules in config.groups().items():
+            slots = layers[modules[0]].shape[_unit_axis(modules[0])]
+            capacity = _capacity(modules[0], slots, model)
+            entry = layers[group]
+            layers[group] = {"units": entry["perm"][:, :capacity], "count": entry["count"]}
+        return {"layers": layers}, dataclasses.replace(config, layout="indexed")
+
+    def trainable(self, delta, config):
+        # The blocks train; the unit bookkeeping (perm or units, count) does not.
+        return {"layers": {name: jax.tree.map(lambda _, n=name: n not in ("attention", "mlp"),
+                                              value)
+                           for name, value in delta["layers"].items()}}
+
+    def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
+        if module not in delta_layer:
+            return y
+        model = layer.config
+        block = delta_layer[module]
+        group = delta_layer[_group_of(module)]
+        slots = block.shape[_unit_axis(module) - 1]
+        mask = _slot_mask(group["count"], module, model, _capacity(module, slots, model),
+                          block.ndim, stacked=False)
+        block = (block * mask).astype(x.dtype)
+        where = _slot_index(group, module, model, config)
+        if module in INPUT_SIDE:  # y += x[..., units] B
+            unit_axis = x.ndim - (2 if module == "o_proj" else 1)
+            picked = (jax.lax.slice_in_dim(x, 0, slots, axis=unit_axis) if where is None
+                      else jnp.take(x, where, axis=unit_axis))
+            equation = "BTNH,NHD->BTD" if module == "o_proj" else "BTF,FD->BTD"
+            return y + jnp.einsum(equation, picked, block)
+        equation = "BTD,DF->BTF" if module in MLP else "BTD,DNH->BTNH"
+        extra = jnp.einsum(equation, x, block)
+        unit_axis = 2
+        if where is None:
+            start = (0,) * y.ndim
+            head = jax.lax.slice_in_dim(y, 0, slots, axis=unit_axis)
+            return jax.lax.dynamic_update_slice(y, head + extra, start)
+        index = (slice(None),) * unit_axis + (where,)
+        return y.at[index].add(extra)
+
+    def merge(self, base, delta, model, config):
+        return _fold(base, delta, model, config, 1.0)
+
+    def unmerge(self, base, delta, model, config):
+        return _fold(base, delta, model, config, -1.0)
+
+    def num_params(self, delta, model, config):
+        total = 0
+        for group, modules in config.groups().items():
+            selected = int(np.sum(np.asarray(delta["layers"][group]["count"])))
+            for module in modules:
+                dims_in, dims_out = module_dims(model, module)
+                size = math.prod(dims_in) * math.prod(dims_out)
+                total += selected * size // _units(model, group)
+        return total
+
+    def identity(self, delta, base, model, config):
+        return {"layers": {k: jax.tree.map(jnp.zeros_like, v) if k not in ("attention", "mlp")
+                           else v for k, v in delta["layers"].items()}}
+
+
+def _block_shape(model, module, capacity):
+    shape = [model.num_layers, *module_dims(model, module)[0], *module_dims(model, module)[1]]
+    shape[_unit_axis(module)] = _slots(model, module, capacity)
+    return tuple(shape)
+
+
+def _capacity(module: str, slots: int, model: ModelConfig) -> int:
+    """Units a block holds, from its size along the unit axis."""
+    if module in ("q_proj", "o_proj"):
+        return slots // (model.num_heads // model.num_kv_heads)
+    return slots
+
+
+def _fold(base, delta, model, config, sign):
+    """The base with the blocks added (sign 1) or taken out (-1), in float32."""
+    layers = dict(base["layers"])
+    for group, modules in config.groups().items():
+        entry = delta["layers"][group]
+        for module in modules:
+            block = delta["layers"][module]
+            axis = _unit_axis(module)
+            slots = block.shape[axis]
+            mask = _slot_mask(entry["count"], module, model, _capacity(module, slots, model),
+                              block.ndim)
+            update = sign * block.astype(jnp.float32) * mask
+            weight = layers[module]
+            if config.layout == "permuted":
+                head = jax.lax.slice_in_dim(weight, 0, slots, axis=axis).astype(jnp.float32)
+                layers[module] = jax.lax.dynamic_update_slice_in_dim(
+                    weight, (head + update).astype(weight.dtype), 0, axis)
+            else:
+                index = entry["units"]
+                if module in ("q_proj", "o_proj"):
+                    index = _head_order(index, model.num_heads // model.num_kv_heads)
+                layers[module] = _scatter_add(weight, index, update, axis)
+    return dict(base, layers=layers)
+
+
+@partial(jax.jit, static_argnums=3)
+def _scatter_add(weight, index, update, axis):
+    def one(w, i, u):  # one layer; unit axis moved first
+        w, u = jnp.moveaxis(w, axis - 1, 0), jnp.moveaxis(u, axis - 1, 0)
+        out = w.astype(jnp.float32).at[i].add(u).astype(w.dtype)
+        return jnp.moveaxis(out, 0, axis - 1)
+
+    return jax.vmap(one)(weight, index, update)
+
+
+def _slot_mask(count, module, model, capacity, ndim, stacked=True):
+    """Float mask over a block's unit axis: 1 on the slots of selected units."""
+    valid = jnp.arange(capacity) < (count[:, None] if stacked else count)
+    if module in ("q_proj", "o_proj"):
+        groups = model.num_heads // model.num_kv_heads
+        valid = jnp.repeat(valid, groups, axis=-1)
+    axis = _unit_axis(module) - (0 if stacked else 1)
+    shape = [1] * ndim
+    if stacked:
+        shape[0] = valid.shape[0]
+    shape[axis] = valid.shape[-1]
+    return valid.reshape(shape).astype(jnp.float32)
+
+
+def _slot_index(group, module, model, config):
+    """None in the permuted layout (the block covers the first slots); else the ids of
+    the units (query heads for q/o) the block's slots belong to."""
+    if config.layout == "permuted":
+        return None
+    units = group["units"]
+    if module in ("q_proj", "o_proj"):
+        return _head_order(units[None], model.num_heads // model.num_kv_heads)[0]
+    return units
+
+
+S2FT_METHOD = register(S2FT())
