@@ -77,12 +77,15 @@ class Run:
         train = config.train
         self.batcher = make_batcher(self.data_config, model.tokenizer, train.batch_size,
                                     train.seed)
-        self.base, self.adapter = self._create_adapter()
-        self.base_hash = base_fingerprint(self.base)
-        self.optimizer = self._optimizer()
+        self.base_hash = base_fingerprint(model.params)
+        self.base, adapter = self._create_adapter()
+        self.optimizer = self._optimizer(adapter)
         from jft.train_step import init_state
 
-        self.state = init_state([self.adapter], self.optimizer, train.seed)
+        self.state = init_state([adapter], self.optimizer, train.seed)
+        # Only the state's copy of the delta lives on: LISA and HFT park the base's layer
+        # weights in it, and holding the originals too would double them.
+        model.params = None
         self.checkpoints = RunCheckpoints(self.directory / "checkpoints", config.checkpoint.keep)
         self.start_step = 0
         if resuming and self.checkpoints.latest_step() is not None:
@@ -111,12 +114,16 @@ class Run:
         return create(method.name, jax.random.key(self.config.train.seed), self.model.params,
                       self.model_config, calibration, **method.options)
 
-    def _optimizer(self):
+    @property
+    def adapter(self):
+        return self.state.adapters[0]
+
+    def _optimizer(self, adapter):
         from jft.config import build_optimizer, wrap_accumulation
         from jft.peft.optim import masked_optimizer
 
         train = self.config.train
-        optimizer = masked_optimizer(build_optimizer(train, train.steps), [self.adapter])
+        optimizer = masked_optimizer(build_optimizer(train, train.steps), [adapter])
         return wrap_accumulation(optimizer, train.grad_accum)
 
     @functools.cached_property

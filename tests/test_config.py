@@ -259,7 +259,7 @@ def test_wrong_types(minimal, override, key, expected):
     ("model_dtype=fp16", "model_dtype", "auto, float32, bfloat16, float16"),
     ("compute_dtype=int8", "compute_dtype", "auto, float32, bfloat16, float16"),
     ("remat=some", "remat", "none, full, dots, dots_no_batch"),
-    ("method.name=qlora", "method.name", "bitfit, full, ia3, lora"),
+    ("method.name=qlora", "method.name", "bitfit, full, hft, ia3, lisa, lora"),
 ])
 def test_unknown_names_list_the_valid_ones(minimal, override, key, valid):
     message = _error(minimal, [override])

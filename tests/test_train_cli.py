@@ -95,7 +95,7 @@ def test_cli_trains_and_writes_every_output(tiny_model, tmp_path):
 @pytest.mark.parametrize("method", [
     {"name": "s2ft", "attention_ratio": 0.5, "mlp_ratio": 0.1,
      "attention_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    {"name": "spiel", "density": 0.05, "reselection_steps": 2},
+    {"name": "spiel", "density": 0.005, "reselection_steps": 2},
     {"name": "lisa", "activated_layers": 1, "interval_steps": 2},
     {"name": "hft", "interval_steps": 3},
 ], ids=lambda m: m["name"])

@@ -7,12 +7,15 @@ registers itself in `REGISTRY`.
 from jft.peft import (  # each module registers its method
     bitfit,
     full,
+    hft,
     ia3,
+    lisa,
     lora,
     norm_tuning,
     prefix_tuning,
     prompt_tuning,
     s2ft,
+    spiel,
     ssf,
 )
 from jft.peft.base import REGISTRY, Adapter, MethodBase, Targets, get_method, register
@@ -20,6 +23,6 @@ from jft.peft.factory import create, make_config
 
 __all__ = [
     "REGISTRY", "Adapter", "MethodBase", "Targets", "bitfit", "create", "full",
-    "get_method", "ia3", "lora", "make_config", "norm_tuning", "prefix_tuning",
-    "prompt_tuning", "register", "s2ft", "ssf",
+    "get_method", "hft", "ia3", "lisa", "lora", "make_config", "norm_tuning", "prefix_tuning",
+    "prompt_tuning", "register", "s2ft", "spiel", "ssf",
 ]
