@@ -1,4 +1,5 @@
-"""Tiny random HF transformers models of every supported family, for parity tests."""
+"""Tiny random HF transformers models of every supported family, for parity tests, and
+tiny random jft params."""
 
 from __future__ import annotations
 
@@ -102,3 +103,21 @@ def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = Non
             kwargs["attention_mask"] = torch.tensor(attention_mask)
         out = model(torch.tensor(tokens), **kwargs)
     return out.logits.float().numpy()
+
+
+def random_params(model, seed=0, std=0.3):
+    """Random jft params from numpy (jax.random.normal compiles slowly on CPU): normal
+    weights and biases, norm scales near one."""
+    import jax
+    import jax.numpy as jnp
+
+    from jft.models import param_shapes
+
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        noise = std * rng.standard_normal(shape)
+        return jnp.asarray(noise + (1.0 if path[-1].key.endswith("norm") else 0.0), jnp.float32)
+
+    return jax.tree.map_with_path(leaf, param_shapes(model),
+                                  is_leaf=lambda x: isinstance(x, tuple))

@@ -12,12 +12,13 @@ import optax
 import pytest
 
 from jft.errors import JftError
-from jft.models import ModelConfig, RopeConfig, forward, param_shapes
+from jft.models import ModelConfig, RopeConfig, forward
 from jft.peft import create, hft, lisa, make_config
 from jft.peft.active_layers import gated_matmul
 from jft.peft.base import combine, partition
 from jft.peft.optim import masked_optimizer
 from jft.train_step import init_state, mean_loss, refresh_state, train_step
+from tests.hf_reference import random_params
 
 # Untied head, qkv biases, q/k norms and post norms: every kind of layer param. Five
 # layers: HFT's modules then get padding slots (3 slots, some used by 2 layers only).
@@ -29,18 +30,6 @@ MODEL = ModelConfig(
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 _logits = jax.jit(forward, static_argnums=0)
-
-
-def _init_params(model, seed=0, std=0.3):
-    """Random params from numpy: normal weights and biases, norm scales near one."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        noise = std * rng.standard_normal(shape)
-        return jnp.asarray(noise + (1.0 if path[-1].key.endswith("norm") else 0.0), jnp.float32)
-
-    return jax.tree.map_with_path(leaf, param_shapes(model),
-                                  is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _batch(seed=0, batch=2, length=8):
@@ -55,7 +44,7 @@ def _batch(seed=0, batch=2, length=8):
 
 @pytest.fixture(scope="module")
 def base():
-    return _init_params(MODEL)
+    return random_params(MODEL)
 
 
 def _changed_layers(before, after) -> dict[str, set[int]]:

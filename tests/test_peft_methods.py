@@ -12,22 +12,9 @@ from jft.errors import JftError
 from jft.models import ModelConfig, RopeConfig, config_from_hf, forward, param_shapes
 from jft.peft import Adapter, Targets, bitfit, full, ia3, norm_tuning, ssf
 from jft.peft.base import module_dims
-from tests.hf_reference import VOCAB, hf_logits, make_hf_model
+from tests.hf_reference import VOCAB, hf_logits, make_hf_model, random_params
 
 _logits = jax.jit(forward, static_argnums=0)
-
-
-def _init_params(model, seed=0, std=0.3):
-    """Random params from numpy (jax.random.normal compiles slowly on CPU): normal weights
-    and biases, norm scales near one."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape):
-        noise = std * rng.standard_normal(shape)
-        return jnp.asarray(noise + (1.0 if path[-1].key.endswith("norm") else 0.0), jnp.float32)
-
-    return jax.tree.map_with_path(leaf, param_shapes(model),
-                                  is_leaf=lambda x: isinstance(x, tuple))
 
 
 # qkv biases to train (q/k/v) and biases to create (o, gate, up, down); every kind of norm.
@@ -58,7 +45,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def base():
-    return _init_params(MODEL)
+    return random_params(MODEL)
 
 
 def _randomised(delta, seed=1):
@@ -151,7 +138,7 @@ def _tiny(family, **switches):
 
 def test_bitfit_adds_zero_biases_to_a_model_without_biases():
     model = _tiny("llama")
-    params = _init_params(model)
+    params = random_params(model)
     assert not any(k.endswith("_bias") for k in params["layers"])
     config = bitfit.BitFitConfig()
     delta = bitfit.BITFIT.init(KEY, params, model, config)
@@ -169,7 +156,7 @@ def test_bitfit_adds_zero_biases_to_a_model_without_biases():
 
 def test_bitfit_trains_the_existing_biases_of_a_model_with_them():
     model = _tiny("qwen2", qkv_bias=True)
-    params = _init_params(model)
+    params = random_params(model)
     config = bitfit.BitFitConfig(targets=("q_proj", "k_proj", "v_proj"))
     delta = bitfit.BITFIT.init(KEY, params, model, config)
     assert {m: v.shape for m, v in delta["layers"].items()} == {
@@ -302,7 +289,7 @@ def test_unknown_names_raise_naming_the_valid_ones(base):
         norm_tuning.NORM_TUNING.init(None, base, MODEL, norm_tuning.NormTuningConfig("layernorm"))
     model = _tiny("llama")
     with pytest.raises(JftError, match="'post_attn_norm' is not in this llama model"):
-        norm_tuning.NORM_TUNING.init(None, _init_params(model), model,
+        norm_tuning.NORM_TUNING.init(None, random_params(model), model,
                                      norm_tuning.NormTuningConfig(("post_attn_norm",)))
     with pytest.raises(JftError, match="'wte' is not in this model; valid: embed"):
         full.FULL.init(None, base, MODEL, full.FullConfig(params=("wte",)))

@@ -22,12 +22,12 @@ import torch
 
 from jft.config import wrap_accumulation
 from jft.errors import JftError
-from jft.models import ModelConfig, RopeConfig, forward, param_shapes
+from jft.models import ModelConfig, RopeConfig, forward
 from jft.peft import Adapter, create, s2ft
 from jft.peft.named import forward_per_row
 from jft.peft.optim import masked_optimizer
 from jft.train_step import init_state, train_step
-from tests.hf_reference import VOCAB
+from tests.hf_reference import VOCAB, random_params
 
 _logits = jax.jit(forward, static_argnums=0)
 
@@ -43,13 +43,7 @@ TOKENS = np.random.default_rng(0).integers(0, 32, size=(2, 7))
 
 @pytest.fixture(scope="module")
 def params():
-    rng = np.random.default_rng(0)
-
-    def leaf(path, shape):
-        norm = path[-1].key.endswith("norm")
-        return jnp.asarray(0.3 * rng.standard_normal(shape) + norm, jnp.float32)
-
-    return jax.tree.map_with_path(leaf, param_shapes(MODEL), is_leaf=lambda x: isinstance(x, tuple))
+    return random_params(MODEL)
 
 
 def _perturbed(adapter, seed=1, scale=0.2):
@@ -134,7 +128,11 @@ def test_partial_backprop_gradients_equal_dense_masked_autodiff(params):
                     ids = (ids[:, None] * groups + np.arange(groups)).reshape(-1)
                 got = np.moveaxis(np.asarray(block_grads[module][layer]), axis, 0)
                 want = np.moveaxis(np.asarray(dense_grads[module][layer]), axis, 0)[ids]
-                np.testing.assert_allclose(got[: len(ids)], want, atol=1e-4, err_msg=module)
+                # Gradients of sum(sin(logits)) reach ~10: float32 agreement is relative
+                # to the module's gradient scale.
+                scale = max(1.0, float(np.abs(dense_grads[module]).max()))
+                np.testing.assert_allclose(got[: len(ids)], want, atol=1e-4 * scale,
+                                           err_msg=module)
                 assert not got[len(ids):].any(), "padding slots must get no gradient"
 
 

@@ -90,11 +90,6 @@ def lookup(layers: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
 # ---------------------------------------------------------------- parking and switching
 
 
-def numpy_rng(key: jax.Array) -> np.random.Generator:
-    """A numpy generator seeded from a JAX key (selection needs concrete layer lists)."""
-    return np.random.default_rng(np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
-
-
 def gather(parked: jax.Array, layers: jax.Array) -> jax.Array:
     """float32 copies [S, ...] of the parked slices at `layers` (zeros at padding, -1)."""
     safe = jnp.where(layers >= 0, layers, parked.shape[0])
@@ -182,6 +177,9 @@ class ActiveLayersMethod(MethodBase):
         hit, slot = lookup(self.layers_of(delta, module), layer.index)
         return gated_matmul(equation, x, delta_layer["parked"][module], delta["active"][module],
                             hit, slot)
+
+    def refresh_every(self, config):
+        return config.interval_steps
 
     def trainable(self, delta, config):
         mask = jax.tree.map(lambda _: True, delta)

@@ -315,6 +315,12 @@ def module_dims(model: ModelConfig, module: str) -> tuple[tuple[int, ...], tuple
     }[module]
 
 
+def numpy_rng(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded from a JAX key, for selections made on the host (which
+    layers, units or positions train): concrete lists, drawn without a device program."""
+    return np.random.default_rng(np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
+
+
 def layer_mask(active: np.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
     """[L, 1, ...] float mask that zeroes a stacked delta on untargeted layers."""
     return jnp.asarray(active, jnp.float32).reshape((-1,) + (1,) * (len(shape) - 1))

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.peft.active_layers import ActiveLayersMethod, gather, numpy_rng, switch
-from jft.peft.base import ATTENTION_MODULES, register
+from jft.peft.active_layers import ActiveLayersMethod, gather, switch
+from jft.peft.base import ATTENTION_MODULES, numpy_rng, register
 
 FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
 # Labels index ATTENTION_MODULES / FFN_MODULES after the round's relabelling. Over one
@@ -92,9 +92,6 @@ class Hft(ActiveLayersMethod):
             "active": {m: gather(w, layers[m]) for m, w in parked.items()},
             "active_layers": layers,
         }
-
-    def refresh_every(self, config):
-        return config.interval_steps
 
     def refresh(self, delta, step, total_steps, key, model, config):
         return switch(delta, select_round(key, model.num_layers))

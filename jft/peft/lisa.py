@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.peft.active_layers import TOP_LEVEL, ActiveLayersMethod, gather, numpy_rng, switch
-from jft.peft.base import register
+from jft.peft.active_layers import TOP_LEVEL, ActiveLayersMethod, gather, switch
+from jft.peft.base import numpy_rng, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +61,6 @@ class Lisa(ActiveLayersMethod):
         }
         delta |= {k: base[k].astype(jnp.float32) for k in TOP_LEVEL if k in base}
         return delta
-
-    def refresh_every(self, config):
-        return config.interval_steps
 
     def refresh(self, delta, step, total_steps, key, model, config):
         layers = sample_layers(key, model.num_layers, config.activated_layers)

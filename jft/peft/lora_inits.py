@@ -187,9 +187,15 @@ def svd_lowrank(key: jax.Array, w: jax.Array, q: int, niter: int):
 
 
 def _batches(batches, init_name):
+    return prepare_calibration(batches, f"lora init {init_name!r}")
+
+
+def prepare_calibration(batches, user: str):
+    """(tokens, segment_ids, loss_mask) arrays of each calibration batch, checked; `user`
+    (e.g. "lora init 'eva'") names what needs them in the errors."""
     batches = list(batches or ())
     if not batches:
-        raise JftError(f"lora init {init_name!r} needs calibration_batches "
+        raise JftError(f"{user} needs calibration_batches "
                        "(dicts with 'tokens' [B, T] and optional 'segment_ids')")
     prepared = []
     for batch in batches:

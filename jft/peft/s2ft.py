@@ -49,7 +49,7 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import ModelConfig
-from jft.peft.base import MethodBase, module_dims, register
+from jft.peft.base import MethodBase, module_dims, numpy_rng, register
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -165,14 +165,14 @@ def select_units(key, base, model: ModelConfig, config: S2FTConfig,
 def _scores(key, base, model, config, batches) -> dict[str, np.ndarray]:
     groups = config.groups()
     if config.selection == "random":
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        rng = numpy_rng(key)
         return {g: rng.random((model.num_layers, _units(model, g))) for g in groups}
     if config.selection == "weight":
         return {g: _unit_norms({m: base["layers"][m] for m in modules}, model)
                 for g, modules in groups.items()}
     from jft.peft import lora_inits
 
-    prepared = lora_inits._batches(batches, f"s2ft selection {config.selection!r}")
+    prepared = lora_inits.prepare_calibration(batches, f"s2ft selection {config.selection!r}")
     if config.selection == "gradient":
         modules = [m for ms in groups.values() for m in ms]
         grads = lora_inits.mean_weight_gradients(base, model, modules, prepared)

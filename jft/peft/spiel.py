@@ -43,7 +43,7 @@ import optax
 
 from jft.errors import JftError
 from jft.models import ModelConfig
-from jft.peft.base import MethodBase, Targets, as_targets, module_dims, register
+from jft.peft.base import MethodBase, Targets, as_targets, module_dims, numpy_rng, register
 
 POLICIES = ("linear", "cosine")
 _MAX_INDEX = 2**31 - 1  # indices are int32
@@ -164,7 +164,7 @@ class Spiel(MethodBase):
     Config = SpielConfig
 
     def init(self, key, base, model, config, calibration_batches=None):
-        rng = _numpy_rng(key)
+        rng = numpy_rng(key)
         layers = {}
         for module, p in plan(model, config).items():
             indices = np.empty((model.num_layers, p.k), np.int32)
@@ -302,16 +302,6 @@ def _draw_candidates(key, indices, size: int, count: int):
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _numpy_rng(key) -> np.random.Generator:
-    """A numpy generator seeded from a jax key (the init samples on the host: a few
-    distinct positions out of millions, without a full permutation per layer)."""
-    if key is None:
-        return np.random.default_rng(0)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key, np.uint32).ravel().tolist())
 
 
 def _distinct(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
