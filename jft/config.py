@@ -47,6 +47,7 @@ FINGERPRINT_EXCLUDED = (
     "data.eval",
     "eval",
     "checkpoint",
+    "mesh",
 )
 
 
@@ -137,6 +138,23 @@ class CheckpointSection:
     keep: int = _field(3, min=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """`mesh`: the (data, fsdp, tensor) device mesh and how logical axes map onto it."""
+
+    data: int = _field(1, min=-1)
+    fsdp: int = _field(-1, min=-1)  # the default: every device shards the params (FSDP)
+    tensor: int = _field(1, min=-1)
+    preset: str = "fsdp_tp"
+    # logical axis -> mesh axis, a list of them, or null: replaces the preset's entry
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def mesh_config(self):
+        from jft.sharding import MeshConfig
+
+        return MeshConfig(self.data, self.fsdp, self.tensor, self.preset, dict(self.rules))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The whole resolved config of one run."""
@@ -150,6 +168,7 @@ class TrainConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     output_dir: str = _required()
 
     def to_dict(self) -> dict[str, Any]:
@@ -475,6 +494,8 @@ def _conform(kind, value) -> tuple[bool, Any]:
             if ok:
                 return True, converted
         return False, value
+    if origin is dict:  # values checked by the section's own validation
+        return isinstance(value, Mapping), dict(value) if isinstance(value, Mapping) else value
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             return False, value
@@ -507,7 +528,7 @@ def _describe(kind) -> str:
         return " or ".join(_describe(arg) for arg in args)
     if origin in (list, tuple):
         return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
-    if dataclasses.is_dataclass(kind):
+    if dataclasses.is_dataclass(kind) or origin is dict:
         return "a section of keys"
     return {
         int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -546,6 +567,11 @@ def _check_combinations(config: TrainConfig, context: _Context, check_paths: boo
     if train.optimizer == "adafactor" and train.beta2 is not None:
         context.fail("train.beta2", "train.beta2 is not used by optimizer adafactor "
                      "(its second moment decays on its own schedule)")
+    try:
+        config.mesh.mesh_config().rule_table()
+    except JftError as error:
+        key = "mesh.preset" if "preset" in str(error) else "mesh.rules"
+        context.fail(key, str(error))
     if not config.model:
         context.fail("model", "model must name a bundled model, an HF directory or a .gguf file")
     if not config.output_dir:

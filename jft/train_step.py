@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jft.models import ModelConfig, forward
+from jft.models import ModelConfig, forward, param_axes
 from jft.peft.base import Adapter, combine, partition
 from jft.peft.optim import reset_state
+from jft.sharding.logical import LogicalRules, use_rules
+from jft.sharding.placement import batch_shardings, put, replicated, tree_shardings
 
 
 @jax.tree_util.register_dataclass
@@ -82,9 +84,8 @@ def example_losses(model, params, adapters, batch) -> jax.Array:
     return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
-def train_step(model: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
-               params, batch):
+def _train_step(model: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
+                params, batch):
     """One update; a non-finite loss or gradient skips it (and is counted)."""
     rng, step_rng = jax.random.split(state.rng)
     trainable, frozen = partition(state.adapters)
@@ -107,6 +108,9 @@ def train_step(model: ModelConfig, optimizer: optax.GradientTransformation, stat
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
     return state, metrics
+
+
+train_step = jax.jit(_train_step, static_argnums=(0, 1), donate_argnums=2)
 
 
 def refresh_state(model: ModelConfig, optimizer: optax.GradientTransformation,
@@ -136,8 +140,99 @@ def _reset_state(optimizer, opt_state, adapters, resets):
     return reset_state(optimizer, opt_state, adapters, resets)
 
 
-@partial(jax.jit, static_argnums=0)
-def eval_step(model: ModelConfig, params, adapters, batch):
+def _eval_step(model: ModelConfig, params, adapters, batch):
     """(summed target loss, target count) of one batch, for held-out loss and perplexity."""
     losses, mask = token_losses(model, params, adapters, batch)
     return jnp.sum(jnp.where(mask, losses, 0.0)), mask.sum()
+
+
+eval_step = jax.jit(_eval_step, static_argnums=0)
+
+
+# ------------------------------------------------------------------ on a device mesh
+
+
+class ShardedSteps:
+    """The train and eval steps of one run on a mesh: jit with in and out shardings, the
+    model traced under the run's logical-axis rules (activation constraints at block
+    boundaries), and the state placed so that every array follows its base's layout."""
+
+    def __init__(self, model: ModelConfig, optimizer: optax.GradientTransformation,
+                 rules: LogicalRules, params, adapters, seed: int):
+        self.rules = rules
+        self.params = tree_shardings(rules, params, param_axes(params))
+        abstract = jax.eval_shape(lambda a: init_state(a, optimizer, seed), adapters)
+        self.state = state_shardings(rules, abstract, optimizer, model)
+        self.initial_state = jax.jit(lambda a: init_state(a, optimizer, seed),
+                                     out_shardings=self.state)(
+            put(adapters, self.state.adapters))
+        self._model, self._optimizer = model, optimizer
+        self._train = self._eval = None
+
+    def train(self, state: TrainState, params, batch):
+        batch, shardings = self._place(batch)
+        if self._train is None:
+            self._train = self._jit(partial(_train_step, self._model, self._optimizer),
+                                    (self.state, self.params, shardings),
+                                    (self.state, replicated(self.rules)), donate=0)
+        return self._train(state, params, batch)
+
+    def eval(self, params, adapters, batch):
+        batch, shardings = self._place(batch)
+        if self._eval is None:
+            self._eval = self._jit(partial(_eval_step, self._model),
+                                   (self.params, self.state.adapters, shardings),
+                                   replicated(self.rules))
+        return self._eval(params, adapters, batch)
+
+    def replace(self, state: TrainState) -> TrainState:
+        """`state` back in its layout (after a refresh computed outside the step)."""
+        return put(state, self.state)
+
+    def _place(self, batch):
+        shardings = batch_shardings(self.rules, batch)
+        return put(dict(batch), shardings), shardings
+
+    def _jit(self, fn, in_shardings, out_shardings, donate=None):
+        rules = self.rules
+
+        def traced(*args):
+            with use_rules(rules):
+                return fn(*args)
+
+        return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
+                       donate_argnums=() if donate is None else donate)
+
+
+def state_shardings(rules: LogicalRules, state: TrainState, optimizer, model: ModelConfig
+                    ) -> TrainState:
+    """Shardings for a (possibly abstract) TrainState: each delta leaf by its method's
+    `delta_axes`, optimiser moments like the trainable leaf they track (factored
+    moments, whose shapes differ, replicated), counters and the RNG replicated."""
+    everywhere = replicated(rules)
+    adapters = [
+        Adapter(tree_shardings(rules, a.delta, a.impl.delta_axes(a.delta, model, a.config),
+                               f"{a.method} delta "), a.method, a.config)
+        for a in state.adapters
+    ]
+    placed = jax.tree.map(_Placed, partition(adapters)[0], partition(state.adapters)[0])
+
+    def is_leaf(x):
+        return x is None or isinstance(x, optax.MaskedNode)
+
+    def moment(leaf, place):
+        if is_leaf(leaf) or place is None:
+            return leaf
+        return place.sharding if leaf.shape == place.shape else everywhere
+
+    opt_state = optax.tree_utils.tree_map_params(
+        optimizer, moment, state.opt_state, placed,
+        transform_non_params=lambda x: x if is_leaf(x) else everywhere, is_leaf=is_leaf)
+    return TrainState(adapters, opt_state, everywhere, everywhere, everywhere, everywhere)
+
+
+class _Placed:
+    """A trainable leaf's sharding and shape (one pytree leaf, not a node)."""
+
+    def __init__(self, sharding, leaf):
+        self.sharding, self.shape = sharding, leaf.shape

@@ -13,12 +13,20 @@ from jft.errors import JftError
 from jft.models import gemma, gemma2, gemma3, llama, qwen2, qwen3
 from jft.models.checkpoint_fields import GGUFMetadata, HFConfig
 from jft.models.config import ModelConfig, RopeConfig
-from jft.models.transformer import forward, init_cache, init_params, param_axes, param_shapes
+from jft.models.transformer import (
+    PARAM_AXES,
+    forward,
+    init_cache,
+    init_params,
+    param_axes,
+    param_shapes,
+)
 
 FAMILIES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, gemma, gemma2, gemma3)
 
 __all__ = [
     "FAMILIES",
+    "PARAM_AXES",
     "ModelConfig",
     "RopeConfig",
     "config_from_gguf",

@@ -146,7 +146,10 @@ def forward(
     for adapter in adapters:
         params = adapter.impl.edit_params(params, adapter.delta, config, adapter.config)
     dtype = jnp.dtype(config.dtype)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)  # [B, T, D]
+    # Gathered whole first, as FSDP gathers every weight before use: a lookup into a
+    # vocab-sharded table would make XLA replicate the batch instead.
+    table = constrain(params["embed"], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)  # [B, T, D]
     if config.embed_scale:
         # HF multiplies by sqrt(D) rounded to the activation dtype, inside its embedding
         # module: prompt-tuning's virtual tokens (prepended below) are not scaled.

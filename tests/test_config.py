@@ -73,6 +73,14 @@ eval:
 checkpoint:
   every: 200
   keep: 2
+mesh:
+  data: 2
+  fsdp: -1
+  tensor: 2
+  preset: fsdp
+  rules:
+    vocab: tensor
+    mlp: [fsdp, tensor]
 output_dir: {out}
 """
 

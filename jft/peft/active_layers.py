@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jft.models import PARAM_AXES, param_axes
 from jft.peft.base import LINEAR_MODULES, MethodBase
 
 # Top-level params a method may also train whole (LISA's embeddings, head, final norm).
@@ -186,6 +187,15 @@ class ActiveLayersMethod(MethodBase):
         mask["parked"] = jax.tree.map(lambda _: False, delta["parked"])
         mask["active_layers"] = jax.tree.map(lambda _: False, delta["active_layers"])
         return mask
+
+    def delta_axes(self, delta, model, config):
+        # Parked weights and top-level copies shard exactly as the base would; an active
+        # slot holds whichever layer is drawn, so its leading axis is not "layers".
+        axes = param_axes({k: v for k, v in delta.items() if k in TOP_LEVEL})
+        axes["parked"] = param_axes(delta["parked"])
+        axes["active"] = {name: (None, *PARAM_AXES[name][1:]) for name in delta["active"]}
+        axes["active_layers"] = jax.tree.map(lambda _: (None,), delta["active_layers"])
+        return axes
 
     def rebase(self, base, delta, model, config):
         """The base without the parked entries: the delta holds those weights."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.models import ModelConfig
+from jft.models import PARAM_AXES, ModelConfig
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_MODULES = LINEAR_MODULES[:4]
@@ -114,6 +114,12 @@ class Method(Protocol):
     def identity(self, delta: Delta, base: dict, model: ModelConfig, config: Any) -> Delta:
         """A delta of the same structure that leaves the model unchanged."""
 
+    def delta_axes(self, delta: Delta, model: ModelConfig, config: Any) -> Any:
+        """The logical axes of every delta leaf, so a mesh shards it like its base: a tree
+        shaped like `delta` of tuples with one entry per dimension, each a logical axis
+        name (`PARAM_AXES`), None (replicated: LoRA's rank) or a tuple of names for a
+        dimension that flattens several (SpIEL's entry index into a [D, N, H] matrix)."""
+
 
 class MethodBase:
     """No-op hooks; a method overrides the ones it needs."""
@@ -183,6 +189,10 @@ class MethodBase:
 
     def identity(self, delta, base, model, config):
         raise JftError(f"{self.name} has no identity delta, so it cannot mix with base rows")
+
+    def delta_axes(self, delta, model, config):
+        """Every leaf replicated; methods whose deltas grow with the model override this."""
+        return jax.tree.map(lambda x: (None,) * x.ndim, delta)
 
 
 REGISTRY: dict[str, MethodBase] = {}
@@ -313,6 +323,13 @@ def module_dims(model: ModelConfig, module: str) -> tuple[tuple[int, ...], tuple
         "up_proj": ((d,), (f,)),
         "down_proj": ((f,), (d,)),
     }[module]
+
+
+def module_axes(module: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input axes, output axes) of a linear's weight, as logical names (`PARAM_AXES`)."""
+    axes = PARAM_AXES[module][1:]  # without "layers"
+    inputs = 2 if module == "o_proj" else 1
+    return axes[:inputs], axes[inputs:]
 
 
 def numpy_rng(key: jax.Array) -> np.random.Generator:

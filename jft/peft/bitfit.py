@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.models import ModelConfig
-from jft.peft.base import MethodBase, Targets, as_targets, layer_mask, module_dims, register
+from jft.peft.base import (
+    MethodBase,
+    Targets,
+    as_targets,
+    layer_mask,
+    module_axes,
+    module_dims,
+    register,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,11 @@ def drop_created_bias(layers: dict, model: ModelConfig, module: str) -> None:
         layers.pop(bias_name(module), None)
 
 
+def output_axes(module: str) -> tuple[str, ...]:
+    """Logical axes of a stacked per-output-feature vector [L, *out] of a linear."""
+    return ("layers", *module_axes(module)[1])
+
+
 @cache
 def active_layers(model: ModelConfig, targets: Targets) -> dict[str, np.ndarray]:
     return targets.resolve(model)
@@ -107,6 +120,9 @@ class BitFit(MethodBase):
 
     def identity(self, delta, base, model, config):
         return {"layers": {m: jnp.zeros_like(v) for m, v in delta["layers"].items()}}
+
+    def delta_axes(self, delta, model, config):
+        return {"layers": {m: output_axes(m) for m in delta["layers"]}}
 
 
 def _fold(base, delta, model, config, sign):

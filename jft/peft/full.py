@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jft.errors import JftError
+from jft.models import param_axes
 from jft.peft.base import MethodBase, register
 
 
@@ -78,6 +79,9 @@ class Full(MethodBase):
 
     def identity(self, delta, base, model, config):
         return select(base, config)
+
+    def delta_axes(self, delta, model, config):
+        return param_axes(delta)  # the delta is a subtree of the base
 
 
 FULL = register(Full())

@@ -28,6 +28,7 @@ from jft.peft.base import (
     Targets,
     as_targets,
     layer_mask,
+    module_axes,
     module_dims,
     module_path,
     register,
@@ -144,6 +145,11 @@ class Ia3(MethodBase):
 
     def identity(self, delta, base, model, config):
         return {"layers": {m: jnp.ones_like(v) for m, v in delta["layers"].items()}}
+
+    def delta_axes(self, delta, model, config):
+        plans = plan(model, config)
+        return {"layers": {m: ("layers", *module_axes(m)[0 if plans[m].feedforward else 1])
+                           for m in delta["layers"]}}
 
 
 def _fold(base, delta, model, config, invert: bool):

@@ -31,6 +31,7 @@ from jft.peft.base import (
     MethodBase,
     Targets,
     as_targets,
+    module_axes,
     module_dims,
     module_path,
     register,
@@ -225,6 +226,18 @@ class Lora(MethodBase):
                 in_axes = len(module_dims(model, module)[0])
                 entry["magnitude"] = _column_norm(base["layers"][module], in_axes)
             layers[module] = entry
+        return {"layers": layers}
+
+    def delta_axes(self, delta, model, config):
+        # A shards like W's inputs, B like its outputs, DoRA's magnitude like its output
+        # columns; the rank is small and stays replicated.
+        layers = {}
+        for module, entry in delta["layers"].items():
+            axes_in, axes_out = module_axes(module)
+            a, b = ("layers", *axes_in, None), ("layers", None, *axes_out)
+            by_name = {"a": a, "init_a": a, "b": b, "init_b": b,
+                       "magnitude": ("layers", *axes_out)}
+            layers[module] = {name: by_name[name] for name in entry}
         return {"layers": layers}
 
 

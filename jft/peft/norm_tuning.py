@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.models import ModelConfig, param_shapes
+from jft.models import ModelConfig, param_axes, param_shapes
 from jft.models.tensor_names import layer_sources
 from jft.peft.base import MethodBase, layer_mask, register
 
@@ -119,6 +119,9 @@ class NormTuning(MethodBase):
     def identity(self, delta, base, model, config):
         return {k: (jnp.zeros_like(v) if k != "layers" else
                     {n: jnp.zeros_like(x) for n, x in v.items()}) for k, v in delta.items()}
+
+    def delta_axes(self, delta, model, config):
+        return param_axes(delta)  # offsets shaped and named like the norms they shift
 
 
 def _fold(params, delta, model, config, sign, cast):

@@ -117,6 +117,16 @@ class PrefixTuning(MethodBase):
     def prefix_length(self, config):
         return config.num_virtual_tokens
 
+    def delta_axes(self, delta, model, config):
+        # Prefixes shard like the keys and values they join. The encoder's E = K * H is
+        # PEFT's token_dim (not the model's embed dim), named as the dims it flattens; its
+        # hidden F is the encoder's own and stays replicated, as do the P virtual tokens.
+        kv = ("kv_heads", "head_dim")
+        if "keys" in delta["layers"]:
+            return {"layers": {"keys": ("layers", None, *kv), "values": ("layers", None, *kv)}}
+        return {"embedding": (None, kv), "w1": (kv, None), "b1": (None,),
+                "layers": {"w2": ("layers", None, None, *kv), "b2": ("layers", None, *kv)}}
+
     def layer_delta(self, delta, model, config):
         """Each layer's keys and values; a reparameterised delta's encoder runs here once."""
         return bake(delta, config)["layers"]

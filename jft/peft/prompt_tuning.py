@@ -115,6 +115,9 @@ class PromptTuning(MethodBase):
     def num_params(self, delta, model, config):
         return config.num_virtual_tokens * model.embed_dim
 
+    def delta_axes(self, delta, model, config):
+        return {"embedding": (None, "embed")}  # rows prepended to the token embeddings
+
 
 def to_peft(delta) -> dict[str, np.ndarray]:
     """The tensors PEFT's adapter_model.safetensors holds: `prompt_embeddings` [P, D]."""

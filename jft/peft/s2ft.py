@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.models import ModelConfig
+from jft.models import PARAM_AXES, ModelConfig
 from jft.peft.base import MethodBase, module_dims, numpy_rng, register
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -352,6 +352,13 @@ class S2FT(MethodBase):
     def identity(self, delta, base, model, config):
         return {"layers": {k: jax.tree.map(jnp.zeros_like, v) if k not in ("attention", "mlp")
                            else v for k, v in delta["layers"].items()}}
+
+    def delta_axes(self, delta, model, config):
+        # A block is its base's slice, so it keeps the base's names (the unit axis too: the
+        # rules replicate it where C units do not divide); unit ids and counts are small.
+        return {"layers": {name: jax.tree.map(lambda x: (None,) * x.ndim, value)
+                           if name in ("attention", "mlp") else PARAM_AXES[name]
+                           for name, value in delta["layers"].items()}}
 
 
 def _block_shape(model, module, capacity):

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from jft.errors import JftError
-from jft.models import ModelConfig
+from jft.models import PARAM_AXES, ModelConfig
 from jft.peft.base import MethodBase, Targets, as_targets, module_dims, numpy_rng, register
 
 POLICIES = ("linear", "cosine")
@@ -227,6 +227,14 @@ class Spiel(MethodBase):
         return {"layers": {
             module: dict(entry, values=jnp.zeros_like(entry["values"]),
                          candidate_grads=jnp.zeros_like(entry["candidate_grads"]))
+            for module, entry in delta["layers"].items()
+        }}
+
+    def delta_axes(self, delta, model, config):
+        # Every leaf lists entries of the layer's flattened weight: they spread over the
+        # weight's mesh axes (by count, not position: the entries sit anywhere in it).
+        return {"layers": {
+            module: dict.fromkeys(entry, ("layers", PARAM_AXES[module][1:]))
             for module, entry in delta["layers"].items()
         }}
 

@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 
 from jft.peft.base import MethodBase, Targets, as_targets, layer_mask, module_dims, register
-from jft.peft.bitfit import active_layers, add_bias, bias_name, drop_created_bias
+from jft.peft.bitfit import active_layers, add_bias, bias_name, drop_created_bias, output_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,10 @@ class Ssf(MethodBase):
         return {"layers": {m: {"scale": jnp.ones_like(e["scale"]),
                                "shift": jnp.zeros_like(e["shift"])}
                            for m, e in delta["layers"].items()}}
+
+    def delta_axes(self, delta, model, config):
+        return {"layers": {m: {"scale": output_axes(m), "shift": output_axes(m)}
+                           for m in delta["layers"]}}
 
 
 def _effective(delta, model, config):
