@@ -3,11 +3,17 @@
 Params are built leaf by leaf: each checkpoint tensor is read, laid out, cast to the
 target dtype and written into its slot of a layer-stacked device buffer that is
 donated back each time, so host memory holds one tensor beyond the model itself.
+
+Given a sharding per leaf, each process builds only the shards its own devices hold:
+it reads the checkpoint rows those shards need (once for devices holding the same
+shard), fills one buffer per device layer by layer and assembles the global arrays, so
+a model larger than one host or one device loads.
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -24,13 +30,17 @@ from jft.errors import JftError
 from jft.gguf_file import GGUFFile
 from jft.models import ModelConfig, config_from_gguf, config_from_hf, param_shapes
 from jft.models.checkpoint_fields import GGUFMetadata
-from jft.models.tensor_names import TOP_LEVEL, TensorSource, layer_sources
+from jft.models.tensor_names import TOP_LEVEL, Layout, Ranges, TensorSource, layer_sources
 from jft.safetensors_io import SafetensorsFile
 
 if TYPE_CHECKING:
     from jft.tokenizer import Tokenizer
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# (leaf path in the params tree, its global shape) -> where the leaf lives
+ShardingFn = Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]
 
 
 @dataclass
@@ -41,12 +51,18 @@ class Checkpoint:
     source: Path
 
 
-def load_checkpoint(model: str | Path, dtype: str = "float32") -> Checkpoint:
-    """Loads a bundled name, an HF directory or a `.gguf` file with params in `dtype`."""
+def load_checkpoint(model: str | Path, dtype: str = "float32",
+                    sharding: ShardingFn | None = None) -> Checkpoint:
+    """Loads a bundled name, an HF directory or a `.gguf` file with params in `dtype`.
+
+    `sharding(path, shape)` places each leaf, e.g. `("layers", "q_proj")` of its global
+    shape; each process then reads only what its addressable devices hold. None: every
+    leaf on the default device.
+    """
     path = resolve(model)
     if path.suffix == ".gguf":
-        return _load_gguf(path, jnp.dtype(dtype))
-    return _load_hf_dir(path, jnp.dtype(dtype))
+        return _load_gguf(path, jnp.dtype(dtype), sharding)
+    return _load_hf_dir(path, jnp.dtype(dtype), sharding)
 
 
 def resolve(model: str | Path) -> Path:
@@ -71,7 +87,7 @@ def resolve(model: str | Path) -> Path:
 # ---------------------------------------------------------------- HF directories
 
 
-def _load_hf_dir(directory: Path, dtype) -> Checkpoint:
+def _load_hf_dir(directory: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise JftError(f"{directory}: no config.json; an HF model directory needs one")
@@ -85,14 +101,19 @@ def _load_hf_dir(directory: Path, dtype) -> Checkpoint:
     rename = _prefix_mapper(name_to_file, directory)
     tied = config.tie_embeddings or rename(TOP_LEVEL["lm_head"].hf) not in name_to_file
 
-    def read(name: str, rows=None) -> np.ndarray:
-        actual = rename(name)
-        if actual not in name_to_file:
-            raise JftError(f"{directory}: tensor {actual!r} is missing from the checkpoint")
-        return name_to_file[actual].read(actual, dtype, rows)
+    def file_of(name: str) -> SafetensorsFile:
+        if rename(name) not in name_to_file:
+            raise JftError(f"{directory}: tensor {rename(name)!r} is missing from the checkpoint")
+        return name_to_file[rename(name)]
 
+    reader = _Reader(
+        name_of=lambda source: source.hf,
+        shape=lambda name: file_of(name).tensors[rename(name)].shape,
+        read=lambda name, rows, columns: file_of(name).read(rename(name), dtype, rows, columns),
+        describe=lambda name: f"{file_of(name).path}: tensor {rename(name)!r}",
+    )
     config = config.replace(tie_embeddings=tied)
-    params = _build_params(config, dtype, lambda source: source.hf, read)
+    params = _build_params(config, dtype, reader, sharding)
     return Checkpoint(config, params, _with_chat_template(_dir_tokenizer(directory), config),
                       directory)
 
@@ -159,7 +180,7 @@ def _dir_tokenizer(directory: Path) -> Tokenizer | None:
 # ---------------------------------------------------------------- GGUF files
 
 
-def _load_gguf(path: Path, dtype) -> Checkpoint:
+def _load_gguf(path: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
     from jft.tokenizer import load_tokenizer_from_gguf
 
     gguf_file = GGUFFile(path)
@@ -182,19 +203,23 @@ def _load_gguf(path: Path, dtype) -> Checkpoint:
         mlp_bias="blk.0.ffn_up.bias" in tensors,
     )
 
-    def read(name: str, rows=None) -> np.ndarray:
+    def shape(name: str) -> tuple[int, ...]:
         if name not in tensors:
             raise JftError(f"{path}: tensor {name!r} is missing")
+        return tensors[name].shape
+
+    def read(name: str, rows, columns) -> np.ndarray:
         if config.norm_plus_one and name.endswith("norm.weight"):
             # llama.cpp stores Gemma's norms as 1 + w
-            return gguf_file.read(name, rows=rows) - 1.0
-        weights = gguf_file.read(name, dtype, rows)
+            return gguf_file.read(name, rows=rows, columns=columns) - 1.0
+        weights = gguf_file.read(name, dtype, rows, columns)
         if architecture == "llama" and name.endswith(_ROTARY_PERMUTED):
-            heads = config.num_heads if "attn_q" in name else config.num_kv_heads
-            weights = _unpermute_rotary(weights, heads)
+            weights = _unpermute_rotary(weights, config.head_dim)  # rows are whole heads
         return weights
 
-    params = _build_params(config, dtype, lambda source: source.gguf, read)
+    reader = _Reader(name_of=lambda source: source.gguf, shape=shape, read=read,
+                     describe=lambda name: f"{path}: tensor {name!r}")
+    params = _build_params(config, dtype, reader, sharding)
     tokenizer = _with_chat_template(load_tokenizer_from_gguf(fields), config)
     return Checkpoint(config, params, tokenizer, path)
 
@@ -209,17 +234,27 @@ def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tok
 _ROTARY_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
 
-def _unpermute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:
+def _unpermute_rotary(weights: np.ndarray, head_dim: int) -> np.ndarray:
     """Undo llama.cpp's interleaved-rotary row order, back to HF's rotate-half order."""
-    half = weights.shape[0] // heads // 2
     return (
-        weights.reshape(heads, half, 2, *weights.shape[1:])
+        weights.reshape(-1, head_dim // 2, 2, *weights.shape[1:])
         .swapaxes(1, 2)
         .reshape(weights.shape)
     )
 
 
 # ---------------------------------------------------------------- assembly
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """A checkpoint's tensors: the name of a `TensorSource` in this format, a tensor's
+    shape, and `read(name, rows, columns)` of a block (in the load dtype or float32)."""
+
+    name_of: Callable[[TensorSource], str]
+    shape: Callable[[str], tuple[int, ...]]
+    read: Callable[[str, tuple[int, int], tuple[int, int] | None], np.ndarray]
+    describe: Callable[[str], str]  # "file: tensor 'name'", for errors
 
 
 # Buffers are filled in place on the device (donated), so the host holds one layer
@@ -237,50 +272,115 @@ def _write_rows(buffer, rows, start):
 _CHUNK_BYTES = 64 << 20
 
 
-def _build_params(config: ModelConfig, dtype, name_of, read) -> dict[str, Any]:
-    """Reads every leaf of `param_shapes(config)` through `read(name_of(source), rows)`."""
+class _Shards:
+    """One leaf being filled: a buffer on each device that holds part of it. Devices
+    holding the same part (ranges per axis) share its reads."""
+
+    def __init__(self, shape, dtype, sharding: jax.sharding.Sharding | None):
+        self.shape, self.dtype, self.sharding = tuple(shape), dtype, sharding
+        if sharding is None:  # all of it on the default device
+            ranges_of = {None: tuple((0, size) for size in self.shape)}
+        else:
+            ranges_of = {
+                device: tuple(cut.indices(size)[:2] for cut, size in zip(index, shape, strict=True))
+                for device, index in sharding.addressable_devices_indices_map(self.shape).items()
+            }
+        self.buffers = {
+            device: jnp.zeros([stop - start for start, stop in ranges], dtype, device=device)
+            for device, ranges in ranges_of.items()
+        }
+        self.devices_of = defaultdict(list)
+        for device, ranges in ranges_of.items():
+            self.devices_of[ranges].append(device)
+
+    def parts(self) -> list[Ranges]:
+        return list(self.devices_of)
+
+    def write(self, update, part: Ranges, value: np.ndarray, offset: int):
+        value = value.astype(self.dtype, copy=False)
+        for device in self.devices_of[part]:
+            self.buffers[device] = update(self.buffers[device], value, offset)
+
+    def array(self) -> jax.Array:
+        if self.sharding is None:
+            return self.buffers[None]
+        return jax.make_array_from_single_device_arrays(
+            self.shape, self.sharding, list(self.buffers.values()))
+
+
+def _build_params(config: ModelConfig, dtype, reader: _Reader,
+                  sharding: ShardingFn | None) -> dict[str, Any]:
+    """Every leaf of `param_shapes(config)`, placed by `sharding` (None: default device)."""
     shapes = param_shapes(config)
     sources = layer_sources(config)
 
-    def load(source: TensorSource, name: str, shape) -> np.ndarray:
-        raw = read(name)
-        try:
-            value = source.to_jft(raw, config)
-        except ValueError:
-            value = None
-        if value is None or value.shape != tuple(shape):
-            raise JftError(
-                f"tensor {name!r} has shape {list(raw.shape)}, which does not fit the "
-                f"config (expected {list(shape)} in jft's layout)"
-            )
-        return value.astype(dtype, copy=False)
+    def shards(path: tuple[str, ...], shape) -> _Shards:
+        return _Shards(shape, dtype, sharding(path, tuple(shape)) if sharding else None)
 
-    def stream_rows(name: str, shape) -> jax.Array:
-        """Top-level tensors keep the checkpoint layout, so they stream by rows."""
-        buffer = jnp.zeros(shape, dtype)
-        step = max(1, _CHUNK_BYTES // (int(np.prod(shape[1:])) * jnp.dtype(dtype).itemsize))
-        for start in range(0, shape[0], step):
-            stop = min(start + step, shape[0])
-            rows = read(name, (start, stop))
-            if rows.shape != (stop - start, *shape[1:]):
-                raise JftError(
-                    f"tensor {name!r} does not fit the config (expected shape {list(shape)})"
-                )
-            buffer = _write_rows(buffer, rows.astype(dtype, copy=False), start)
-        return buffer
-
-    params: dict[str, Any] = {
-        key: stream_rows(name_of(TOP_LEVEL[key]), shape)
-        for key, shape in shapes.items()
-        if key != "layers"
-    }
-    layers = {}
+    params: dict[str, Any] = {}
+    for key, shape in shapes.items():
+        if key != "layers":
+            leaf = shards((key,), shape)
+            _fill_rows(reader, TOP_LEVEL[key], leaf, config)
+            params[key] = leaf.array()
+    params["layers"] = {}
     for key, shape in shapes["layers"].items():
-        source = sources[key]
-        stacked = jnp.zeros(shape, dtype)
-        for i in range(config.num_layers):
-            value = load(source, name_of(source).format(i=i), shape[1:])
-            stacked = _write_layer(stacked, value, i)
-        layers[key] = stacked
-    params["layers"] = layers
+        leaf = shards(("layers", key), shape)
+        _fill_layers(reader, sources[key], leaf, config)
+        params["layers"][key] = leaf.array()
     return params
+
+
+def _fill_layers(reader: _Reader, source: TensorSource, leaf: _Shards, config: ModelConfig):
+    """Streams a stacked leaf one layer at a time into the parts holding that layer."""
+    for i in range(config.num_layers):
+        holding = [part for part in leaf.parts() if part[0][0] <= i < part[0][1]]
+        values = _read_parts(reader, reader.name_of(source).format(i=i), source.layout,
+                             leaf.shape[1:], [part[1:] for part in holding], config)
+        for part in holding:
+            leaf.write(_write_layer, part, values[part[1:]], i - part[0][0])
+
+
+def _fill_rows(reader: _Reader, source: TensorSource, leaf: _Shards, config: ModelConfig):
+    """Top-level tensors keep the checkpoint layout, so they stream by row chunks."""
+    row_bytes = int(np.prod(leaf.shape[1:])) * jnp.dtype(leaf.dtype).itemsize
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    by_rows = defaultdict(list)  # one read serves the parts of the same rows
+    for part in leaf.parts():
+        by_rows[part[0]].append(part)
+    for (start, stop), same_rows in by_rows.items():
+        for first in range(start, stop, step):
+            chunk = (first, min(first + step, stop))
+            values = _read_parts(reader, reader.name_of(source), source.layout, leaf.shape,
+                                 [(chunk, *part[1:]) for part in same_rows], config)
+            for part in same_rows:
+                leaf.write(_write_rows, part, values[(chunk, *part[1:])], first - start)
+
+
+def _read_parts(reader: _Reader, name: str, layout: Layout, shape, parts: list[Ranges],
+                config: ModelConfig) -> dict[Ranges, np.ndarray]:
+    """jft[part] for each part of the leaf of `shape` held in tensor `name`, reading each
+    range of checkpoint rows once for all the parts that lie in it."""
+    expected = layout.checkpoint_shape(tuple(shape))
+    if parts and tuple(reader.shape(name)) != expected:
+        raise JftError(
+            f"{reader.describe(name)} has shape {list(reader.shape(name))}, which does not "
+            f"fit the config (expected {list(expected)})"
+        )
+    by_rows = defaultdict(list)
+    for part in parts:
+        rows, *columns = layout.checkpoint_ranges(part, config)  # a 1-D tensor has no columns
+        by_rows[rows].append((part, columns[0] if columns else None))
+    values = {}
+    for rows, in_rows in by_rows.items():
+        wanted = [columns for _, columns in in_rows if columns is not None]
+        # Of the rows read, only the columns some part needs are kept.
+        span = (min(c[0] for c in wanted), max(c[1] for c in wanted)) if wanted else None
+        block = reader.read(name, rows, span)
+        for part, columns in in_rows:
+            if span is not None:
+                part_block = block[:, columns[0] - span[0]:columns[1] - span[0]]
+            else:
+                part_block = block
+            values[part] = layout.to_jft(part_block, config, part)
+    return values

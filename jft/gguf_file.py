@@ -55,9 +55,12 @@ class GGUFFile:
         except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as error:
             raise JftError(f"{self.path}: not a valid GGUF file ({error})") from None
 
-    def read(self, name: str, dtype=np.float32, rows: tuple[int, int] | None = None):
-        """The tensor (or rows [start, stop) of its first axis) dequantized to `dtype`,
-        decoded a chunk of rows at a time."""
+    def read(self, name: str, dtype=np.float32, rows: tuple[int, int] | None = None,
+             columns: tuple[int, int] | None = None):
+        """The tensor, or rows [start, stop) of its first axis and columns [start, stop) of
+        its innermost, dequantized to `dtype` a chunk of rows at a time. Quantization
+        blocks run along the innermost axis, so whole rows are decoded and the columns
+        outside `columns` dropped."""
         tensor = self.tensors[name]
         if tensor.kind not in SUPPORTED_TYPES:
             supported = ", ".join(t.name for t in SUPPORTED_TYPES)
@@ -65,15 +68,23 @@ class GGUFFile:
                 f"{self.path}: tensor {name!r} has quantization {tensor.kind.name}, "
                 f"not supported; supported: {supported}"
             )
-        if len(tensor.shape) == 1 and rows is not None:  # vectors are small: read whole
-            return self.read(name, dtype)[rows[0]:rows[1]]
         block, block_bytes = GGML_QUANT_SIZES[tensor.kind]
+        if len(tensor.shape) == 1 and rows is not None:  # one row: decode the blocks needed
+            first_block, stop_block = rows[0] // block, -(-rows[1] // block)
+            raw = np.empty((1, (stop_block - first_block) * block_bytes), np.uint8)
+            with open(self.path, "rb") as file:
+                file.seek(tensor.start + first_block * block_bytes)
+                if file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                    raise JftError(f"{self.path}: tensor {name!r} is truncated")
+            skip = first_block * block
+            return dequantize(raw, tensor.kind)[0, rows[0] - skip:rows[1] - skip].astype(dtype)
         # Rows of the innermost dimension; the first axis spans `per_first` of them.
         row_bytes = tensor.shape[-1] // block * block_bytes
         per_first = int(np.prod(tensor.shape[1:-1])) if len(tensor.shape) > 1 else 1
         start, stop = rows or (0, tensor.shape[0] if len(tensor.shape) > 1 else 1)
+        first_column, stop_column = columns or (0, tensor.shape[-1])
         count_rows = (stop - start) * per_first
-        out = np.empty((count_rows, tensor.shape[-1]), dtype)
+        out = np.empty((count_rows, stop_column - first_column), dtype)
         # Size chunks by their decoded float32 rows: Q4 data grows 7x when decoded.
         step = max(1, _CHUNK_BYTES // (tensor.shape[-1] * 4))
         with open(self.path, "rb") as file:
@@ -82,10 +93,11 @@ class GGUFFile:
                 raw = np.empty((min(step, count_rows - first), row_bytes), np.uint8)
                 if file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
                     raise JftError(f"{self.path}: tensor {name!r} is truncated")
-                out[first:first + len(raw)] = dequantize(raw, tensor.kind)
-        if rows is None:
+                decoded = dequantize(raw, tensor.kind)
+                out[first:first + len(raw)] = decoded[:, first_column:stop_column]
+        if rows is None and columns is None:
             return out.reshape(tensor.shape)
-        return out.reshape(stop - start, *tensor.shape[1:])
+        return out.reshape(stop - start, *tensor.shape[1:-1], stop_column - first_column)
 
 
 class _Parser:

@@ -54,24 +54,30 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, name: str, dtype=None, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The tensor (or rows [start, stop) of its first axis), cast to `dtype` (default:
-        as stored) a chunk at a time."""
+    def read(self, name: str, dtype=None, rows: tuple[int, int] | None = None,
+             columns: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or rows [start, stop) of its first axis and columns [start, stop) of
+        its last, cast to `dtype` (default: as stored) a chunk of rows at a time. Whole rows
+        are read; columns outside `columns` are dropped chunk by chunk."""
         info = self.tensors[name]
         shape = info.shape or (1,)
         start, stop = rows or (0, shape[0])
+        row_shape = shape[1:]
+        if columns is not None:
+            row_shape = (*row_shape[:-1], columns[1] - columns[0])
         row_items = int(np.prod(shape[1:]))
-        out = np.empty((stop - start, *shape[1:]), dtype or info.dtype)
-        flat = out.reshape(stop - start, row_items)
+        out = np.empty((stop - start, *row_shape), dtype or info.dtype)
         step = max(1, _CHUNK_BYTES // max(row_items * info.dtype.itemsize, 1))
         with open(self.path, "rb") as file:
             file.seek(info.start + start * row_items * info.dtype.itemsize)
             for first in range(0, stop - start, step):
-                chunk = np.empty((min(step, stop - start - first), row_items), info.dtype)
+                chunk = np.empty((min(step, stop - start - first), *shape[1:]), info.dtype)
                 if file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
                     raise JftError(f"{self.path}: tensor {name!r} is truncated")
-                flat[first:first + len(chunk)] = chunk
-        return out.reshape(info.shape) if rows is None else out
+                if columns is not None:
+                    chunk = chunk[..., columns[0]:columns[1]]
+                out[first:first + len(chunk)] = chunk
+        return out if info.shape else out.reshape(())
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:

@@ -4,110 +4,157 @@ Both formats store linear weights as [out, in] (GGUF lists dims innermost first,
 gguf's numpy arrays already read [out, in]); jft keeps [in, ...out] with heads split.
 The top-level tensors (embed, lm_head, final_norm) keep the checkpoint's layout, so
 they stream into place a chunk of rows at a time.
+
+A `Layout` also maps a part of a jft leaf back onto the part of the checkpoint tensor
+that holds it, so that a sharded load reads only the rows its devices hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from jft.models.config import ModelConfig
 
+Ranges = tuple[tuple[int, int], ...]  # [start, stop) per axis
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A jft leaf is its checkpoint tensor with axes split and reordered.
+
+    `checkpoint` names the checkpoint tensor's axes, outermost first; an axis holding
+    heads is the pair (heads, "head_dim"), value h of head n at n * head_dim + h. `jft`
+    orders the same names as jft's leaf (per layer: without the stacked L axis).
+    """
+
+    checkpoint: tuple[tuple[str, ...], ...]
+    jft: tuple[str, ...]
+
+    def checkpoint_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The checkpoint tensor's shape for a jft leaf of `shape`."""
+        size = dict(zip(self.jft, shape, strict=True))
+        return tuple(math.prod(size[name] for name in group) for group in self.checkpoint)
+
+    def checkpoint_ranges(self, index: Ranges, config: ModelConfig) -> Ranges:
+        """The checkpoint ranges that jft[index] lies in. An axis holding heads is taken
+        in whole heads: a head_dim range is not contiguous there, and llama.cpp's rotary
+        permutation is undone head by head."""
+        where = dict(zip(self.jft, index, strict=True))
+        scales = [config.head_dim if len(group) == 2 else 1 for group in self.checkpoint]
+        return tuple(
+            (where[group[0]][0] * scale, where[group[0]][1] * scale)
+            for group, scale in zip(self.checkpoint, scales, strict=True)
+        )
+
+    def to_jft(self, block: np.ndarray, config: ModelConfig,
+               index: Ranges | None = None) -> np.ndarray:
+        """The whole checkpoint tensor in jft's layout or, given `index`, the block at
+        `checkpoint_ranges(index)` laid out as jft[index]."""
+        where = dict(zip(self.jft, index, strict=True)) if index is not None else {}
+        names, view, cuts = [], [], []
+        for group, size in zip(self.checkpoint, block.shape, strict=True):
+            names += group
+            if len(group) == 2:
+                view += [size // config.head_dim, config.head_dim]
+                cuts += [slice(None), slice(*where.get(group[1], (None, None)))]
+            else:
+                view.append(size)
+                cuts.append(slice(None))
+        laid = block.reshape(view)[tuple(cuts)]
+        return laid.transpose([names.index(name) for name in self.jft])
+
+    def from_jft(self, value: np.ndarray) -> np.ndarray:
+        """A whole jft leaf (one layer) back in the checkpoint's layout."""
+        names = [name for group in self.checkpoint for name in group]
+        laid = value.transpose([self.jft.index(name) for name in names])
+        return laid.reshape(self.checkpoint_shape(value.shape))
+
 
 @dataclass(frozen=True)
 class TensorSource:
-    """One jft leaf: its names in each format ({i} is the layer) and the layout change."""
+    """One jft leaf: its names in each format ({i} is the layer) and its layout."""
 
     hf: str
     gguf: str
-    to_jft: Callable[[np.ndarray, ModelConfig], np.ndarray]
-    from_jft: Callable[[np.ndarray, ModelConfig], np.ndarray]
+    layout: Layout
+
+    def to_jft(self, weights: np.ndarray, config: ModelConfig) -> np.ndarray:
+        return self.layout.to_jft(weights, config)
+
+    def from_jft(self, value: np.ndarray, config: ModelConfig) -> np.ndarray:
+        return self.layout.from_jft(value)
 
 
-def _same(w, c):
-    return w
+def _same(*axes: str) -> Layout:
+    return Layout(tuple((axis,) for axis in axes), axes)
 
 
-def _transpose(w, c):
-    return w.T
+def _linear(out_axis: str, in_axis: str) -> Layout:
+    """[out, in] -> [in, out]."""
+    return Layout(((out_axis,), (in_axis,)), (in_axis, out_axis))
 
 
-def _heads_out(heads: str):
-    """[heads * H, D] -> [D, heads, H], and back."""
-
-    def to_jft(w, c):
-        return w.T.reshape(c.embed_dim, getattr(c, heads), c.head_dim)
-
-    def from_jft(w, c):
-        return w.reshape(c.embed_dim, -1).T
-
-    return to_jft, from_jft
+def _heads_out(heads: str) -> Layout:
+    """[heads * H, D] -> [D, heads, H]."""
+    return Layout(((heads, "head_dim"), ("embed",)), ("embed", heads, "head_dim"))
 
 
-def _heads_bias(heads: str):
-    def to_jft(b, c):
-        return b.reshape(getattr(c, heads), c.head_dim)
-
-    def from_jft(b, c):
-        return b.reshape(-1)
-
-    return to_jft, from_jft
+def _heads_bias(heads: str) -> Layout:
+    """[heads * H] -> [heads, H]."""
+    return Layout(((heads, "head_dim"),), (heads, "head_dim"))
 
 
-def _o_to_jft(w, c):
-    return w.T.reshape(c.num_heads, c.head_dim, c.embed_dim)
-
-
-def _o_from_jft(w, c):
-    return w.reshape(-1, c.embed_dim).T
-
+# [D, N * H] -> [N, H, D]
+_O_PROJ = Layout((("embed",), ("heads", "head_dim")), ("heads", "head_dim", "embed"))
 
 _LAYER = "model.layers.{i}."
 _BLK = "blk.{i}."
 
 TOP_LEVEL: dict[str, TensorSource] = {
-    "embed": TensorSource("model.embed_tokens.weight", "token_embd.weight", _same, _same),
-    "final_norm": TensorSource("model.norm.weight", "output_norm.weight", _same, _same),
-    "lm_head": TensorSource("lm_head.weight", "output.weight", _same, _same),
+    "embed": TensorSource("model.embed_tokens.weight", "token_embd.weight",
+                          _same("vocab", "embed")),
+    "final_norm": TensorSource("model.norm.weight", "output_norm.weight", _same("embed")),
+    "lm_head": TensorSource("lm_head.weight", "output.weight", _same("vocab", "embed")),
 }
 
 
 def layer_sources(config: ModelConfig) -> dict[str, TensorSource]:
     """The per-layer tensors of this config's family."""
 
-    def src(hf, gguf, to_jft=_same, from_jft=_same):
-        return TensorSource(_LAYER + hf, _BLK + gguf, to_jft, from_jft)
+    def src(hf, gguf, layout):
+        return TensorSource(_LAYER + hf, _BLK + gguf, layout)
 
-    q, kv = _heads_out("num_heads"), _heads_out("num_kv_heads")
-    qb, kvb = _heads_bias("num_heads"), _heads_bias("num_kv_heads")
+    embed = _same("embed")
     sources = {
-        "attn_norm": src("input_layernorm.weight", "attn_norm.weight"),
-        "q_proj": src("self_attn.q_proj.weight", "attn_q.weight", *q),
-        "k_proj": src("self_attn.k_proj.weight", "attn_k.weight", *kv),
-        "v_proj": src("self_attn.v_proj.weight", "attn_v.weight", *kv),
-        "o_proj": src("self_attn.o_proj.weight", "attn_output.weight", _o_to_jft, _o_from_jft),
-        "q_bias": src("self_attn.q_proj.bias", "attn_q.bias", *qb),
-        "k_bias": src("self_attn.k_proj.bias", "attn_k.bias", *kvb),
-        "v_bias": src("self_attn.v_proj.bias", "attn_v.bias", *kvb),
-        "o_bias": src("self_attn.o_proj.bias", "attn_output.bias"),
-        "q_norm": src("self_attn.q_norm.weight", "attn_q_norm.weight"),
-        "k_norm": src("self_attn.k_norm.weight", "attn_k_norm.weight"),
-        "gate_proj": src("mlp.gate_proj.weight", "ffn_gate.weight", _transpose, _transpose),
-        "up_proj": src("mlp.up_proj.weight", "ffn_up.weight", _transpose, _transpose),
-        "down_proj": src("mlp.down_proj.weight", "ffn_down.weight", _transpose, _transpose),
-        "gate_bias": src("mlp.gate_proj.bias", "ffn_gate.bias"),
-        "up_bias": src("mlp.up_proj.bias", "ffn_up.bias"),
-        "down_bias": src("mlp.down_proj.bias", "ffn_down.bias"),
+        "attn_norm": src("input_layernorm.weight", "attn_norm.weight", embed),
+        "q_proj": src("self_attn.q_proj.weight", "attn_q.weight", _heads_out("heads")),
+        "k_proj": src("self_attn.k_proj.weight", "attn_k.weight", _heads_out("kv_heads")),
+        "v_proj": src("self_attn.v_proj.weight", "attn_v.weight", _heads_out("kv_heads")),
+        "o_proj": src("self_attn.o_proj.weight", "attn_output.weight", _O_PROJ),
+        "q_bias": src("self_attn.q_proj.bias", "attn_q.bias", _heads_bias("heads")),
+        "k_bias": src("self_attn.k_proj.bias", "attn_k.bias", _heads_bias("kv_heads")),
+        "v_bias": src("self_attn.v_proj.bias", "attn_v.bias", _heads_bias("kv_heads")),
+        "o_bias": src("self_attn.o_proj.bias", "attn_output.bias", embed),
+        "q_norm": src("self_attn.q_norm.weight", "attn_q_norm.weight", _same("head_dim")),
+        "k_norm": src("self_attn.k_norm.weight", "attn_k_norm.weight", _same("head_dim")),
+        "gate_proj": src("mlp.gate_proj.weight", "ffn_gate.weight", _linear("mlp", "embed")),
+        "up_proj": src("mlp.up_proj.weight", "ffn_up.weight", _linear("mlp", "embed")),
+        "down_proj": src("mlp.down_proj.weight", "ffn_down.weight", _linear("embed", "mlp")),
+        "gate_bias": src("mlp.gate_proj.bias", "ffn_gate.bias", _same("mlp")),
+        "up_bias": src("mlp.up_proj.bias", "ffn_up.bias", _same("mlp")),
+        "down_bias": src("mlp.down_proj.bias", "ffn_down.bias", embed),
     }
     if config.post_norms:
         # Gemma 2/3 reuse HF's `post_attention_layernorm` name for the norm *after*
         # attention; their pre-MLP norm is `pre_feedforward_layernorm`.
         sources["post_attn_norm"] = src("post_attention_layernorm.weight",
-                                        "post_attention_norm.weight")
-        sources["mlp_norm"] = src("pre_feedforward_layernorm.weight", "ffn_norm.weight")
-        sources["post_mlp_norm"] = src("post_feedforward_layernorm.weight", "post_ffw_norm.weight")
+                                        "post_attention_norm.weight", embed)
+        sources["mlp_norm"] = src("pre_feedforward_layernorm.weight", "ffn_norm.weight", embed)
+        sources["post_mlp_norm"] = src("post_feedforward_layernorm.weight",
+                                       "post_ffw_norm.weight", embed)
     else:
-        sources["mlp_norm"] = src("post_attention_layernorm.weight", "ffn_norm.weight")
+        sources["mlp_norm"] = src("post_attention_layernorm.weight", "ffn_norm.weight", embed)
     return sources
