@@ -6,9 +6,9 @@ __version__ = "0.1.0"
 __all__ = ["JftError", "load"]
 
 
-def load(model, dtype: str = "auto", compute_dtype: str = "auto", adapter=None):
+def load(model, dtype: str = "auto", compute_dtype: str = "auto", adapter=None, rules=None):
     """Loads a bundled name, an HF directory or a `.gguf` file (with a training run's
-    adapter on top); see `jft.api.load`."""
+    adapter on top, sharded over a mesh with `rules`); see `jft.api.load`."""
     from jft.api import load as _load
 
-    return _load(model, dtype, compute_dtype, adapter)
+    return _load(model, dtype, compute_dtype, adapter, rules)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
 from jft.generation import Sampling, generate_tokens
-from jft.models import ModelConfig, forward
+from jft.models import PARAM_AXES, ModelConfig, forward
+from jft.sharding import LogicalRules
 from jft.tokenizer import Tokenizer
 
 
@@ -84,11 +85,14 @@ def _jit_forward(config, params, tokens, adapters):
 
 
 def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
-         adapter: str | Path | None = None) -> Model:
+         adapter: str | Path | None = None, rules: LogicalRules | None = None) -> Model:
     """Loads a bundled name, an HF directory or a `.gguf` file.
 
     adapter: a `python -m jft.train` run directory; its latest checkpoint's deltas are
     applied over the base (unmerged).
+
+    rules: a mesh and its logical-axis rules (`jft.sharding.make_rules`): the params are
+    then sharded over it as they load, each process reading only its devices' slices.
 
     dtype: the params' dtype; compute_dtype: the activations'. "auto" is float32 on
     CPU (where bfloat16 matmuls are slow) and bfloat16 on GPU and TPU.
@@ -99,12 +103,16 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
         if value not in ("float32", "bfloat16", "float16"):
             raise JftError(f"{name}={value!r}; valid: auto, float32, bfloat16, float16")
-    checkpoint = load_checkpoint(model, dtype)
+    sharding = None
+    if rules is not None:
+        def sharding(path, shape):
+            return rules.sharding(PARAM_AXES[path[-1]], shape, "/".join(path))
+    checkpoint = load_checkpoint(model, dtype, sharding)
     config = checkpoint.config.replace(dtype=compute_dtype)
     params, adapters = checkpoint.params, []
     if adapter is not None:
         from jft.checkpointing import load_adapter
 
-        params, adapters = load_adapter(adapter, params, config)
+        params, adapters = load_adapter(adapter, params, config, rules)
     return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters)
 

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jft.errors import JftError
 from jft.train_step import TrainState
@@ -69,28 +70,40 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def load_adapter(run_dir: str | os.PathLike, base, model):
+def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
     """The adapter of a run's latest checkpoint over `base`: (the base it applies to,
     [Adapter]). The adapter is in the form that applies to an unmodified base where the
     method has one (`split`: S2FT's indexed form); the base is rewritten only for
-    PiSSA-like inits (`rebase`)."""
+    PiSSA-like inits (`rebase`). The delta lands on the default device, or sharded like
+    its base over `rules`' mesh, whatever mesh the run trained on."""
     from jft.peft import Adapter, get_method, make_config
+    from jft.sharding.placement import tree_shardings
 
     directory = Path(run_dir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise JftError(f"{run_dir}: no checkpoints/ folder; give a jft run directory")
-    manager = ocp.CheckpointManager(directory)
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "adapter": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
         raise JftError(f"{directory}: holds no finished checkpoint")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore(), adapter=ocp.args.StandardRestore(),
-    ))
-    manager.close()
-    meta = restored.meta
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     config = make_config(meta["method"], meta["options"])
-    delta = jax.tree.map(jax.numpy.asarray, restored.adapter)
     impl = get_method(meta["method"])
+    # Shapes only: the mesh the run trained on need not exist here.
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                            manager.item_metadata(step).adapter.tree)
+    if rules is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    else:
+        shardings = tree_shardings(rules, abstract, impl.delta_axes(abstract, model, config))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    delta = manager.restore(step, args=ocp.args.Composite(
+        adapter=ocp.args.StandardRestore(target))).adapter
+    manager.close()
     delta, config = impl.split(delta, model, config)
     return impl.rebase(base, delta, model, config), [Adapter(delta, meta["method"], config)]
 
@@ -130,7 +143,8 @@ def base_fingerprint(params) -> str:
     (hashing every byte of a large model on each start would cost minutes)."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        sample = np.asarray(jax.numpy.ravel(leaf)[:: max(1, leaf.size // 4096)])
+        sample = jax.numpy.ravel(leaf)[:: max(1, leaf.size // 4096)]
+        sample = multihost_utils.process_allgather(sample, tiled=True)  # sharded over hosts
         digest.update(jax.tree_util.keystr(path).encode())
         digest.update(str((leaf.shape, str(leaf.dtype))).encode())
         digest.update(np.ascontiguousarray(sample.astype(np.float32)).tobytes())

@@ -14,6 +14,7 @@ import functools
 import json
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,16 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--overwrite", action="store_true",
                         help="move an existing run in output_dir aside and start fresh")
+    cluster = parser.add_argument_group(
+        "multi-host", "without these, JAX detects the cluster (TPU pod slice, SLURM, Open MPI, "
+        "Kubernetes) or runs as one process; see docs/pods.md")
+    cluster.add_argument("--coordinator-address", metavar="HOST:PORT",
+                         help="process 0's address, the same on every host")
+    cluster.add_argument("--num-processes", type=int, metavar="N")
+    cluster.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1, one per host")
     return parser
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
     from jft.config import load_config
+    from jft.sharding.distributed import initialize, is_main_process
 
+    # Before anything touches a device: the runtime must know every host's devices.
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    if not is_main_process():  # one copy of each warning, from process 0
+        warnings.simplefilter("ignore")
     run = Run(load_config(config, overrides), overwrite=args.overwrite)
     return run.train()
 
@@ -64,13 +78,23 @@ class Run:
         from jft.checkpointing import RunCheckpoints, base_fingerprint
         from jft.data import DataConfig, make_batcher
         from jft.run_outputs import prepare_run_dir
+        from jft.sharding import make_rules
+        from jft.sharding.distributed import barrier, from_main, is_main_process
+        from jft.sharding.placement import bytes_per_device, put, total_bytes
+        from jft.train_step import ShardedSteps
 
         self.config = config
         self.directory = Path(config.output_dir)
-        resuming = prepare_run_dir(config.output_dir, config.to_dict(), config.fingerprint(),
-                                   overwrite)
+        self.is_main = is_main_process()
+        self.rules = make_rules(config.mesh.mesh_config())
+        resuming = False
+        if self.is_main:  # one process prepares the shared directory; the rest wait for it
+            resuming = prepare_run_dir(config.output_dir, config.to_dict(),
+                                       config.fingerprint(), overwrite)
+        barrier("jft: run directory")
+        resuming = from_main(resuming)
         model = jft.load(config.model, dtype=config.model_dtype,
-                         compute_dtype=config.compute_dtype)
+                         compute_dtype=config.compute_dtype, rules=self.rules)
         self.model = model
         self.model_config = model.config.replace(remat=config.remat)
         self.data_config = DataConfig(**dataclasses.asdict(config.data))
@@ -78,14 +102,20 @@ class Run:
         self.batcher = make_batcher(self.data_config, model.tokenizer, train.batch_size,
                                     train.seed)
         self.base_hash = base_fingerprint(model.params)
-        self.base, adapter = self._create_adapter()
+        base, adapter = self._create_adapter()
         self.optimizer = self._optimizer(adapter)
-        from jft.train_step import init_state
-
-        self.state = init_state([adapter], self.optimizer, train.seed)
+        self.steps = ShardedSteps(self.model_config, self.optimizer, self.rules, base,
+                                  [adapter], train.seed)
+        self.base = put(base, self.steps.params)
+        self.state = self.steps.initial_state
         # Only the state's copy of the delta lives on: LISA and HFT park the base's layer
         # weights in it, and holding the originals too would double them.
-        model.params = None
+        model.params = base = adapter = None
+        if self.is_main:
+            held = bytes_per_device(self.base)
+            print(f"mesh {dict(self.rules.mesh.shape)}: base {total_bytes(self.base) / 2**20:.1f}"
+                  f" MiB, at most {max(held.values()) / 2**20:.1f} MiB on one device",
+                  file=sys.stderr)
         self.checkpoints = RunCheckpoints(self.directory / "checkpoints", config.checkpoint.keep)
         self.start_step = 0
         if resuming and self.checkpoints.latest_step() is not None:
@@ -133,7 +163,8 @@ class Run:
         return build_schedule(self.config.train, self.config.train.steps)
 
     def _restore(self):
-        self.state, meta = self.checkpoints.restore(self.state)
+        state, meta = self.checkpoints.restore(self.state)
+        self.state = self.steps.replace(state)
         if meta.get("base") != self.base_hash:
             raise JftError(f"{self.checkpoints.directory}: the checkpoint was trained on another "
                            "base model (content hash differs); use another output_dir")
@@ -157,39 +188,40 @@ class Run:
 
     def train(self) -> int:
         from jft.run_outputs import MetricsLog, Throughput, flops_per_token, write_loss_curve
-        from jft.train_step import refresh_state, train_step
+        from jft.sharding.distributed import agree
+        from jft.train_step import refresh_state
 
         config, train = self.config, self.config.train
         # Drops whatever was logged after the checkpoint being resumed (all of it when the
-        # run died before its first checkpoint).
-        log = MetricsLog(self.directory, self.start_step)
+        # run died before its first checkpoint). Process 0 alone writes the run's files.
+        log = MetricsLog(self.directory, self.start_step) if self.is_main else None
         trainable = self.adapter.impl.num_params(self.adapter.delta, self.model_config,
                                                  self.adapter.config)
         throughput = Throughput(flops_per_token(
             self.model_config, self.config.method.name == "full", trainable,
             self.data_config.max_length))
-        stop = _StopSignal()
-        progress = _Progress(train.steps, self.start_step)
+        stop, stopped = _StopSignal(), False
+        progress = _Progress(train.steps, self.start_step, quiet=not self.is_main)
         step = self.start_step
         interval_tokens = 0
         if step == 0 and self.eval_batches is not None:  # the baseline, before any update
             baseline = self.evaluate()
-            (self.directory / "eval_before.json").write_text(json.dumps(baseline) + "\n")
+            if self.is_main:
+                (self.directory / "eval_before.json").write_text(json.dumps(baseline) + "\n")
             progress.note("before training: " + _format(baseline))
             throughput.restart()
         try:
-            while step < train.steps and not stop.requested:
+            while step < train.steps and not (stopped := agree(stop.requested)):
                 losses, tokens = [], 0
                 for _ in range(train.grad_accum):
                     batch = next(self.batcher)
-                    self.state, metrics = train_step(self.model_config, self.optimizer,
-                                                     self.state, self.base, batch)
+                    self.state, metrics = self.steps.train(self.state, self.base, batch)
                     losses.append(float(metrics["loss"]))
                     tokens += int(np.sum(batch["segment_ids"] != 0))
                 step += 1
                 if step < train.steps:  # SpIEL regrows, LISA switches layers, HFT re-rounds
-                    self.state = refresh_state(self.model_config, self.optimizer, self.state,
-                                               step, train.steps)
+                    self.state = self.steps.replace(refresh_state(
+                        self.model_config, self.optimizer, self.state, step, train.steps))
                 interval_tokens += tokens
                 if step == self.start_step + 1:  # the first step compiles: not throughput
                     throughput.restart()
@@ -216,7 +248,7 @@ class Run:
                     record = (record or {"step": step, "loss": float(np.mean(losses))})
                     record |= self.evaluate()
                     throughput.restart()  # evaluation time is not training throughput
-                if record:
+                if record and log is not None:
                     log.write(record)
                     progress.update(step, record)
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
@@ -225,22 +257,21 @@ class Run:
         finally:
             self.checkpoints.close()
             progress.close()
-            records = log.records()
-            log.close()
+            records = []
+            if log is not None:
+                records = log.records()
+                log.close()
         if records:
             write_loss_curve(records, self.directory / "loss_curve.png")
-        if stop.requested:
+        if stopped and self.is_main:
             print(f"stopped by signal at step {step}; checkpoint saved", file=sys.stderr)
         return 0
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and perplexity, and exact match when `eval.generate` is set."""
-        from jft.train_step import eval_step
-
         total, count = 0.0, 0
         for batch in self.eval_batches:
-            loss_sum, targets = eval_step(self.model_config, self.base, self.state.adapters,
-                                          batch)
+            loss_sum, targets = self.steps.eval(self.base, self.state.adapters, batch)
             total, count = total + float(loss_sum), count + int(targets)
         loss = total / max(count, 1)
         out = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
@@ -298,9 +329,9 @@ class _StopSignal:
 class _Progress:
     """A tqdm bar on a terminal; plain log lines otherwise."""
 
-    def __init__(self, total: int, start: int):
-        self.bar = None
-        if sys.stdout.isatty():
+    def __init__(self, total: int, start: int, quiet: bool = False):
+        self.bar, self.quiet = None, quiet
+        if sys.stdout.isatty() and not quiet:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step")
@@ -313,6 +344,8 @@ class _Progress:
         print(f"step {step}: {_format(record)}", flush=True)
 
     def note(self, text: str):
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(text)
         else:
