@@ -174,6 +174,8 @@ class Lora(MethodBase):
         combined = weight.astype(jnp.float32) + scale * low_rank_product(a, b).astype(jnp.float32)
         norm = jax.lax.stop_gradient(_column_norm(combined, in_axes, stacked=False))
         ratio = (entry["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
+        # Untargeted layers (layers_to_transform) keep W as is, as merge does.
+        ratio = jnp.where(jnp.asarray([r > 0 for r in p.ranks])[layer.index], ratio, 1)
         base = jnp.einsum(_einsum_base(module), x, weight)
         return y + (ratio - 1) * base + ratio * lora
 
