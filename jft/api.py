@@ -88,8 +88,9 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
          adapter: str | Path | None = None, rules: LogicalRules | None = None) -> Model:
     """Loads a bundled name, an HF directory or a `.gguf` file.
 
-    adapter: a `python -m jft.train` run directory; its latest checkpoint's deltas are
-    applied over the base (unmerged).
+    adapter: a `python -m jft.train` run directory, whose latest checkpoint's deltas are
+    applied over the base (unmerged), a PEFT adapter directory (adapter_config.json) or a
+    jft adapter directory (jft_adapter.json, docs/formats.md).
 
     rules: a mesh and its logical-axis rules (`jft.sharding.make_rules`): the params are
     then sharded over it as they load, each process reading only its devices' slices.
@@ -111,8 +112,12 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     config = checkpoint.config.replace(dtype=compute_dtype)
     params, adapters = checkpoint.params, []
     if adapter is not None:
+        from jft.adapter_format import is_jft_adapter, load_jft_adapter
         from jft.checkpointing import load_adapter
+        from jft.peft_format import is_peft_adapter, load_peft_adapter
 
-        params, adapters = load_adapter(adapter, params, config, rules)
+        read = (load_peft_adapter if is_peft_adapter(adapter) else
+                load_jft_adapter if is_jft_adapter(adapter) else load_adapter)
+        params, adapters = read(adapter, params, config, rules)
     return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters)
 

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0 switches top-p off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="params dtype: auto, float32, bfloat16")
-    parser.add_argument("--adapter", help="a jft.train run directory: its latest adapter")
+    parser.add_argument("--adapter", help="a jft.train run directory (its latest adapter), a "
+                        "PEFT adapter or a jft adapter directory")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

@@ -1,0 +1,450 @@
+"""Hugging Face PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors`),
+written from jft adapters and read back into them.
+
+Tensor keys are `base_model.model.<HF module path>.<name>`, PyTorch layouts ([out, in]),
+float32. Per method (jft delta -> PEFT tensor, per targeted layer i):
+
+- lora: a[i] [*in, r] -> `lora_A.weight` [r, in]; b[i] [r, *out] -> `lora_B.weight`
+  [out, r]; DoRA's magnitude[i] [*out] -> `lora_magnitude_vector` [out]. Ranks padded in
+  jft are cut to each layer's rank. An init that rewrote the base (init_a / init_b in the
+  delta: PiSSA, CorDA, LoRA-GA) is written for the original base as PEFT's
+  `subtract_mutated_init` does: A' = [A; A0], B' = [B, -B0], rank doubled, alpha scaled
+  to keep alpha / r (alpha / sqrt(r) under rsLoRA).
+- ia3: layers[module][i] -> `ia3_l`, [1, in] on feedforward modules, [out, 1] otherwise.
+- prompt_tuning: embedding [P, D] -> `prompt_embeddings` (no prefix).
+- prefix_tuning: the baked keys/values -> `prompt_embeddings` [P, L * 2 * K * H]; a
+  reparameterised delta is written baked (`prefix_projection` false), as PEFT saves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jft.errors import JftError
+from jft.models import ModelConfig
+from jft.peft import Adapter, Targets, get_method, prefix_tuning, prompt_tuning
+from jft.peft import ia3 as ia3_method
+from jft.peft import lora as lora_method
+from jft.peft.base import LINEAR_MODULES, module_dims, module_path
+
+PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning",
+               "PREFIX_TUNING": "prefix_tuning"}
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(.+)")
+# Config keys that change nothing jft computes (bookkeeping, init-time options, the prompt
+# encoder's sizes, which the tensor shapes are checked against). Any other key must be
+# off (None, False, empty or "none"), or the adapter is refused.
+_COMMON_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "revision",
+                "inference_mode", "auto_mapping", "peft_version"}
+_KNOWN_KEYS = {
+    "lora": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
+             "layers_to_transform", "layers_pattern", "exclude_modules", "rank_pattern",
+             "alpha_pattern", "fan_in_fan_out", "init_lora_weights", "loftq_config",
+             "eva_config", "corda_config", "lora_ga_config", "megatron_core",
+             "qalora_group_size", "ensure_weight_tying"},
+    "ia3": {"target_modules", "feedforward_modules", "exclude_modules", "fan_in_fan_out",
+            "init_ia3_weights"},
+    "prompt_tuning": {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                      "num_attention_heads", "num_layers", "prompt_tuning_init",
+                      "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"},
+    "prefix_tuning": {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                      "num_attention_heads", "num_layers", "encoder_hidden_size",
+                      "prefix_projection", "init_weights"},
+}
+# init_lora_weights values that leave the base alone; the others (pissa, olora, corda,
+# loftq, lora_ga) pair the adapter with a rewritten base that is not saved with it.
+_PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def is_peft_adapter(path) -> bool:
+    """A directory holding a PEFT adapter_config.json."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save_peft_adapter(adapter: Adapter, model: ModelConfig, directory,
+                      base_model_name: str | None = None) -> None:
+    """Writes `adapter` as a PEFT adapter directory that `PeftModel.from_pretrained` loads
+    over the original (unmodified) HF base."""
+    if adapter.method not in PEFT_METHODS:
+        raise JftError(f"{adapter.method} cannot be written as a PEFT adapter (PEFT has no "
+                       "equivalent); export it with --format merged. PEFT adapters hold: "
+                       f"{', '.join(PEFT_METHODS)}")
+    delta = _to_numpy(adapter.delta)
+    writer = {"lora": _lora_to_peft, "ia3": _ia3_to_peft, "prompt_tuning": _prompt_to_peft,
+              "prefix_tuning": _prefix_to_peft}[adapter.method]
+    config, tensors = writer(delta, adapter.config, model)
+    config = {"peft_type": next(k for k, v in _PEFT_TYPES.items() if v == adapter.method),
+              "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
+              "revision": None, "inference_mode": True, **config}
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float32)
+
+
+def _target_options(active: dict[str, np.ndarray]) -> tuple[list[str], list[int] | None]:
+    """(target_modules, layers_to_transform) selecting exactly the active (module, layer)
+    pairs: module names plus layer indices where every module has the same layers, else
+    the full module paths."""
+    layer_sets = {tuple(np.flatnonzero(a)) for a in active.values()}
+    if len(layer_sets) == 1:
+        layers = [int(i) for i in layer_sets.pop()]
+        num_layers = len(next(iter(active.values())))
+        return list(active), None if len(layers) == num_layers else layers
+    return [module_path(int(i), m) for m, a in active.items() for i in np.flatnonzero(a)], None
+
+
+def _key(layer: int, module: str, name: str) -> str:
+    return f"{_PREFIX}{module_path(layer, module)}.{name}"
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _lora_to_peft(delta, config, model):
+    plans = lora_method.plan(model, config)
+    rebased = any("init_a" in entry for entry in delta["layers"].values())
+    tensors = {}
+    for module, p in plans.items():
+        entry = delta["layers"][module]
+        for layer, rank in enumerate(p.ranks):
+            if not rank:
+                continue
+            a, b = _lora_factors(entry["a"][layer], entry["b"][layer], rank)
+            if rebased:  # the update over the original base: A B - A0 B0 = [A; A0] [B, -B0]
+                a0, b0 = (_lora_factors(entry["init_a"][layer], entry["init_b"][layer], rank)
+                          if "init_a" in entry else (np.zeros_like(a), np.zeros_like(b)))
+                a, b = np.concatenate([a, a0], 0), np.concatenate([b, -b0], 1)
+            tensors[_key(layer, module, "lora_A.weight")] = a
+            tensors[_key(layer, module, "lora_B.weight")] = b
+            if config.dora:
+                tensors[_key(layer, module, "lora_magnitude_vector")] = (
+                    entry["magnitude"][layer].reshape(-1))
+    targets, layers = _target_options({m: np.asarray(p.ranks) > 0 for m, p in plans.items()})
+    rank_factor = 2 if rebased else 1
+    alpha_factor = (math.sqrt(2) if config.rslora else 2) if rebased else 1
+    return {
+        "r": config.r * rank_factor, "lora_alpha": _number(config.alpha * alpha_factor),
+        "lora_dropout": config.dropout, "use_rslora": config.rslora, "use_dora": config.dora,
+        "target_modules": targets, "layers_to_transform": layers,
+        "rank_pattern": {k: v * rank_factor for k, v in config.rank_pattern},
+        "alpha_pattern": {k: _number(v * alpha_factor) for k, v in config.alpha_pattern},
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "modules_to_save": None,
+    }, tensors
+
+
+def _lora_factors(a, b, rank):
+    """jft's a [*in, R], b [R, *out] as PEFT's lora_A [rank, in], lora_B [out, rank]."""
+    return a.reshape(-1, a.shape[-1])[:, :rank].T, b.reshape(b.shape[0], -1)[:rank].T
+
+
+def _ia3_to_peft(delta, config, model):
+    plans = ia3_method.plan(model, config)
+    tensors = {}
+    for module, p in plans.items():
+        for layer in np.flatnonzero(p.mask()):
+            scale = delta["layers"][module][layer].reshape(-1)
+            tensors[_key(int(layer), module, "ia3_l")] = (
+                scale[None, :] if p.feedforward else scale[:, None])
+    targets, layers = _target_options({m: p.mask() for m, p in plans.items()})
+    if layers is not None:  # PEFT's IA3 has no layers_to_transform: name the paths
+        targets = [module_path(i, m) for m in targets for i in layers]
+    feedforward = [t for t in targets if plans[t.rsplit(".", 1)[-1]].feedforward]
+    return {"target_modules": targets, "feedforward_modules": feedforward,
+            "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}, tensors
+
+
+def _prompt_to_peft(delta, config, model):
+    return {"num_virtual_tokens": config.num_virtual_tokens, "token_dim": model.embed_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": model.num_heads,
+            "num_layers": model.num_layers, "prompt_tuning_init": "RANDOM"
+            }, prompt_tuning.to_peft(delta)
+
+
+def _prefix_to_peft(delta, config, model):
+    token_dim = prefix_tuning.token_dim(model)
+    return {"num_virtual_tokens": config.num_virtual_tokens, "token_dim": token_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": model.num_kv_heads,
+            "num_layers": model.num_layers, "encoder_hidden_size": token_dim,
+            "prefix_projection": False}, prefix_tuning.to_peft(delta)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_peft_adapter(directory, base, model: ModelConfig, rules=None):
+    """(base, [Adapter]) from a PEFT adapter directory for this architecture; the delta is
+    sharded like its base over `rules`' mesh when given. Tensors that do not fit the model
+    and options jft does not implement are refused, naming the first key at fault."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    try:
+        options = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise JftError(f"{config_path}: unreadable PEFT adapter config ({error})") from None
+    method = _PEFT_TYPES.get(options.get("peft_type"))
+    if method is None:
+        raise JftError(f"{config_path}: peft_type {options.get('peft_type')!r} is not supported; "
+                       f"valid: {', '.join(_PEFT_TYPES)}")
+    _check_options(options, method, config_path)
+    if not weights_path.is_file():
+        found = "adapter_model.bin (convert it to safetensors)" if (
+            directory / "adapter_model.bin").is_file() else "nothing"
+        raise JftError(f"{directory}: no {WEIGHTS_FILE}; found {found}")
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), "np") as file:
+        tensors = {k: file.get_tensor(k).astype(np.float32) for k in sorted(file.keys())}
+    reader = {"lora": _lora_from_peft, "ia3": _ia3_from_peft, "prompt_tuning": _prompt_from_peft,
+              "prefix_tuning": _prefix_from_peft}[method]
+    delta, config = reader(options, tensors, base, model, weights_path)
+    delta = _place(delta, method, config, model, rules)
+    return base, [Adapter(delta, method, config)]
+
+
+def _place(delta, method, config, model, rules):
+    import jax
+
+    if rules is None:
+        return jax.tree.map(jnp.asarray, delta)
+    from jft.sharding.placement import tree_shardings
+
+    axes = get_method(method).delta_axes(delta, model, config)
+    return jax.device_put(delta, tree_shardings(rules, delta, axes))
+
+
+def _check_options(options, method, config_path):
+    for key, value in options.items():
+        if key in _COMMON_KEYS or key in _KNOWN_KEYS[method]:
+            continue
+        if value not in (None, False, [], {}, "none"):
+            raise JftError(f"{config_path}: {key}={value!r} is not supported by jft's {method}")
+    if method == "lora" and options.get("init_lora_weights", True) not in _PLAIN_LORA_INITS:
+        raise JftError(
+            f"{config_path}: init_lora_weights={options['init_lora_weights']!r} pairs the "
+            "adapter with a rewritten base that is not saved with it; save it with PEFT's "
+            "path_initial_model_for_weight_conversion to get a plain LoRA")
+    if method in ("prompt_tuning", "prefix_tuning"):
+        if options.get("task_type") != "CAUSAL_LM":
+            raise JftError(f"{config_path}: task_type={options.get('task_type')!r}; jft reads "
+                           "prompt-learning adapters for CAUSAL_LM only")
+        if options.get("num_transformer_submodules", 1) != 1:
+            raise JftError(f"{config_path}: num_transformer_submodules="
+                           f"{options['num_transformer_submodules']} (encoder-decoder); "
+                           "jft models are decoder-only")
+
+
+def _mismatch(path, key, found, expected) -> JftError:
+    return JftError(f"{path}: tensor {key} has shape {tuple(found)}, expected {tuple(expected)}")
+
+
+def _layer_tensors(tensors, names, model, path):
+    """{(module, layer): {name: tensor}} from per-module keys, checked against the model."""
+    grouped: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        match = _KEY.fullmatch(key)
+        module = match and match[3]
+        if not match or module not in LINEAR_MODULES or match[4] not in names or (
+                key != _key(int(match[1]), module, match[4])):
+            raise JftError(f"{path}: unexpected tensor {key}; jft reads "
+                           f"{'/'.join(names)} of {', '.join(LINEAR_MODULES)} under "
+                           f"{_PREFIX}model.layers.<i>")
+        layer = int(match[1])
+        if layer >= model.num_layers:
+            raise JftError(f"{path}: tensor {key} is for layer {layer}, but the model has "
+                           f"layers 0..{model.num_layers - 1}")
+        grouped.setdefault((module, layer), {})[match[4]] = value
+    return grouped
+
+
+def _peft_matches(spec, module_key: str) -> bool:
+    """PEFT's target_modules / exclude_modules rule: a string is fullmatched (or is
+    "all-linear"), a list entry equals the module path or ends it after a dot."""
+    if isinstance(spec, str):
+        return spec == "all-linear" or re.fullmatch(spec, module_key) is not None
+    return module_key in spec or any(module_key.endswith("." + t) for t in spec)
+
+
+def _peft_targeted(options, model) -> set[tuple[str, int]] | None:
+    """The (module, layer) pairs the config selects among jft's linears (None: it names
+    no target_modules). layers_to_transform filters suffix matches only, as in PEFT."""
+    targets, excluded = options.get("target_modules"), options.get("exclude_modules")
+    if targets is None:
+        return None
+    layers = options.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    chosen = set()
+    for module in LINEAR_MODULES:
+        for layer in range(model.num_layers):
+            key = module_path(layer, module)
+            by_layer = not layers or isinstance(targets, str) or key in targets or layer in layers
+            if (_peft_matches(targets, key) and by_layer
+                    and not (excluded and _peft_matches(excluded, key))):
+                chosen.add((module, layer))
+    return chosen
+
+
+def _check_coverage(grouped, options, model, path, names):
+    missing = sorted((_peft_targeted(options, model) or set()) - set(grouped),
+                     key=lambda pair: (pair[1], pair[0]))
+    if missing:
+        module, layer = missing[0]
+        raise JftError(f"{path}: lacks tensor {_key(layer, module, names[0])}, which "
+                       "target_modules selects")
+    for (module, layer), entry in grouped.items():
+        for name in names:
+            if name not in entry:
+                raise JftError(f"{path}: lacks tensor {_key(layer, module, name)}")
+
+
+def _jft_targets(pairs, model) -> Targets:
+    """jft Targets selecting exactly these (module, layer) pairs."""
+    active = {m: np.zeros(model.num_layers, bool) for m in LINEAR_MODULES
+              if any(m == module for module, _ in pairs)}
+    for module, layer in pairs:
+        active[module][layer] = True
+    targets, layers = _target_options(active)
+    if all(t in LINEAR_MODULES for t in targets):
+        return Targets(tuple(targets), None if layers is None else tuple(layers))
+    return Targets("|".join(re.escape(t) for t in targets))
+
+
+def _peft_pattern(pattern: dict, path: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key (in file order) ending the path."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _lora_from_peft(options, tensors, base, model, path):
+    dora = bool(options.get("use_dora"))
+    names = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
+    grouped = _layer_tensors(tensors, names, model, path)
+    if not grouped:
+        raise JftError(f"{path}: holds no LoRA tensors")
+    _check_coverage(grouped, options, model, path, names)
+    r, alpha = int(options.get("r", 8)), float(options.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = {}, {}
+    for (module, layer), entry in grouped.items():
+        size_in, size_out = (math.prod(d) for d in module_dims(model, module))
+        module_key = module_path(layer, module)
+        rank = _peft_pattern(options.get("rank_pattern"), module_key, r)
+        expected = {"lora_A.weight": (rank, size_in), "lora_B.weight": (size_out, rank),
+                    "lora_magnitude_vector": (size_out,)}
+        for name, value in entry.items():
+            if value.shape != expected[name]:
+                raise _mismatch(path, _key(layer, module, name), value.shape, expected[name])
+        # Explicit per-path patterns: jft and PEFT then agree whatever the key order.
+        if rank != r:
+            rank_pattern[re.escape(module_key)] = rank
+        layer_alpha = _peft_pattern(options.get("alpha_pattern"), module_key, alpha)
+        if layer_alpha != alpha:
+            alpha_pattern[re.escape(module_key)] = float(layer_alpha)
+    config = lora_method.LoraConfig(
+        r=r, alpha=alpha, targets=_jft_targets(set(grouped), model),
+        dropout=float(options.get("lora_dropout", 0.0)), rslora=bool(options.get("use_rslora")),
+        dora=dora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    layers = {}
+    for module, p in lora_method.plan(model, config).items():
+        dims_in, dims_out = module_dims(model, module)
+        L, R = model.num_layers, p.max_rank
+        a, b = np.zeros((L, math.prod(dims_in), R), np.float32), np.zeros((L, R, math.prod(
+            dims_out)), np.float32)
+        for layer, rank in enumerate(p.ranks):
+            if rank:
+                entry = grouped[module, layer]
+                a[layer, :, :rank] = entry["lora_A.weight"].T
+                b[layer, :rank] = entry["lora_B.weight"].T
+        layers[module] = {"a": a.reshape(L, *dims_in, R), "b": b.reshape(L, R, *dims_out)}
+    if dora:  # untargeted layers keep the base's column norms, so DoRA leaves them alone
+        for module, entry in layers.items():
+            in_axes = tuple(range(1, 1 + len(module_dims(model, module)[0])))
+            weight = jnp.asarray(base["layers"][module], jnp.float32)
+            magnitude = np.array(jnp.sqrt(jnp.sum(jnp.square(weight), axis=in_axes)))
+            for layer in np.flatnonzero(lora_method.plan(model, config)[module].ranks):
+                magnitude[layer] = grouped[module, int(layer)]["lora_magnitude_vector"].reshape(
+                    magnitude.shape[1:])
+            entry["magnitude"] = magnitude
+    return {"layers": layers}, config
+
+
+def _ia3_from_peft(options, tensors, base, model, path):
+    grouped = _layer_tensors(tensors, ("ia3_l",), model, path)
+    if not grouped:
+        raise JftError(f"{path}: holds no IA3 tensors")
+    _check_coverage(grouped, options, model, path, ("ia3_l",))
+    feedforward_spec = options.get("feedforward_modules") or []
+    feedforward = set()
+    for (module, layer), entry in grouped.items():
+        module_key = module_path(layer, module)
+        if isinstance(feedforward_spec, str):
+            is_feedforward = re.fullmatch(feedforward_spec, module_key) is not None
+        else:
+            is_feedforward = any(module_key.endswith(t) for t in feedforward_spec)
+        dims_in, dims_out = module_dims(model, module)
+        expected = (1, math.prod(dims_in)) if is_feedforward else (math.prod(dims_out), 1)
+        if entry["ia3_l"].shape != expected:
+            raise _mismatch(path, _key(layer, module, "ia3_l"), entry["ia3_l"].shape, expected)
+        if is_feedforward:
+            feedforward.add(module)
+    config = ia3_method.IA3Config(targets=_jft_targets(set(grouped), model),
+                                  feedforward=tuple(m for m in LINEAR_MODULES if m in feedforward))
+    layers = {}
+    for module, p in ia3_method.plan(model, config).items():
+        dims_in, dims_out = module_dims(model, module)
+        dims = dims_in if p.feedforward else dims_out
+        scale = np.ones((model.num_layers, *dims), np.float32)
+        for layer in np.flatnonzero(p.mask()):
+            scale[layer] = grouped[module, int(layer)]["ia3_l"].reshape(dims)
+        layers[module] = scale
+    return {"layers": layers}, config
+
+
+def _prompt_tensor(tensors, path, expected):
+    if set(tensors) != {"prompt_embeddings"}:
+        extra = sorted(set(tensors) - {"prompt_embeddings"})
+        raise JftError(f"{path}: " + (f"unexpected tensor {extra[0]}" if extra
+                                      else "lacks tensor prompt_embeddings"))
+    found = tensors["prompt_embeddings"].shape
+    if found != expected:
+        raise _mismatch(path, "prompt_embeddings", found, expected)
+
+
+def _prompt_from_peft(options, tensors, base, model, path):
+    config = prompt_tuning.PromptTuningConfig(int(options["num_virtual_tokens"]))
+    _prompt_tensor(tensors, path, (config.num_virtual_tokens, model.embed_dim))
+    return prompt_tuning.from_peft(tensors, model, config), config
+
+
+def _prefix_from_peft(options, tensors, base, model, path):
+    # PEFT saves the projected prefix whatever prefix_projection was: the plain form.
+    config = prefix_tuning.PrefixTuningConfig(int(options["num_virtual_tokens"]))
+    expected = (config.num_virtual_tokens,
+                model.num_layers * 2 * prefix_tuning.token_dim(model))
+    _prompt_tensor(tensors, path, expected)
+    return prefix_tuning.from_peft(tensors, model, config), config
+
