@@ -94,6 +94,27 @@ class Tokenizer:
             **tokens,
         )
 
+    @property
+    def hf_tokenizer(self) -> tokenizers.Tokenizer | None:
+        """The underlying `tokenizers.Tokenizer` (None for a SentencePiece tokenizer.model)."""
+        return getattr(self._backend, "_tokenizer", None)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, pad_token, unk_token, ... as their token strings."""
+        return dict(self._special_tokens)
+
+    def save_hf(self, directory: Path) -> None:
+        """tokenizer.json and tokenizer_config.json (special tokens, chat template), which
+        transformers' PreTrainedTokenizerFast loads: for tokenizers that came from GGUF."""
+        if self.hf_tokenizer is None:
+            raise JftError("a SentencePiece tokenizer.model tokenizer is only copied, not "
+                           "rewritten; export from its HF directory")
+        self.hf_tokenizer.save(str(Path(directory) / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self._special_tokens,
+                  "chat_template": self.chat_template}
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
     def _special_id(self, name: str) -> int | None:
         token = self._special_tokens.get(name)
         return None if token is None else self._backend.token_to_id(token)
@@ -379,7 +400,7 @@ _GPT4O_SPLIT = (
 )
 # How text is cut into words before byte-level BPE, by `tokenizer.ggml.pre`. Any other value
 # (such as "smollm" or "gpt2") keeps GPT-2's own split.
-_PRE_TOKENIZER_SPLITS = {
+PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(
         (
             *("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0"),
@@ -459,7 +480,7 @@ def _gguf_byte_level_bpe(metadata: Mapping[str, Any], tokens: list[str]) -> toke
             fuse_unk=False,
         )
     )
-    split = _PRE_TOKENIZER_SPLITS.get(_gguf_value(metadata, "tokenizer.ggml.pre", str))
+    split = PRE_TOKENIZER_SPLITS.get(_gguf_value(metadata, "tokenizer.ggml.pre", str))
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
