@@ -43,7 +43,7 @@ def prepare_run_dir(output_dir: str, resolved: dict, fingerprint: str, overwrite
                       "is not empty and holds no jft run")
             raise JftError(f"{directory}: output_dir {reason}; choose another output_dir, or "
                            "pass --overwrite to move it aside and start fresh")
-        aside = _free_name(directory)
+        aside = free_name(directory)
         shutil.move(str(directory), aside)
         print(f"moved the previous run to {aside}", file=sys.stderr)
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def _read_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _free_name(directory: Path) -> Path:
+def free_name(directory: Path) -> Path:
     for index in range(1, 10_000):
         candidate = directory.with_name(f"{directory.name}.old{index}")
         if not candidate.exists():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jft.errors import JftError
-from jft.models.config import RopeConfig
+from jft.models.config import ModelConfig, RopeConfig
 
 _MISSING = object()
 
@@ -156,3 +156,57 @@ def hf_activation(hf: HFConfig, key: str, default: str) -> str:
     if name not in mapping:
         raise JftError(f"{hf.source}: {key}={name!r} is not supported; supported: {list(mapping)}")
     return mapping[name]
+
+
+# ---------------------------------------------------------------- writing config.json
+
+
+def hf_common(config: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    """The config.json fields every family writes the same way (inverse of `common`)."""
+    c = config
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.embed_dim,
+        "intermediate_size": c.mlp_dim,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "rms_norm_eps": c.norm_eps,
+        "max_position_embeddings": c.max_position,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": c.bos_id,
+        "eos_token_id": c.eos_id,
+        **hf_rope(c.rope),
+    }
+
+
+def hf_rope(rope: RopeConfig) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling`: the form transformers 4 and 5 both read."""
+    if rope.freq_factors is not None:
+        raise JftError("this model's rope comes as llama.cpp per-frequency factors "
+                       "(rope_freqs), which config.json cannot express; export from the "
+                       "original HF checkpoint instead")
+    fields: dict[str, Any] = {"rope_theta": rope.theta}
+    if rope.kind == "linear":
+        fields["rope_scaling"] = {"rope_type": "linear", "factor": rope.factor}
+    elif rope.kind == "llama3":
+        fields["rope_scaling"] = {
+            "rope_type": "llama3", "factor": rope.factor,
+            "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position,
+        }
+    return fields
+
+
+def hf_layer_type_names(config: ModelConfig) -> list[str]:
+    return [f"{t}_attention" for t in config.layer_types]
+
+
+_HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def hf_activation_name(config: ModelConfig) -> str:
+    return _HF_ACTIVATIONS[config.activation]

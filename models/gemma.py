@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from jft.models.checkpoint_fields import GGUFMetadata, HFConfig, hf_activation
+from jft.models.checkpoint_fields import (
+    GGUFMetadata,
+    HFConfig,
+    hf_activation,
+    hf_activation_name,
+    hf_common,
+)
 from jft.models.config import ModelConfig
 
 HF_MODEL_TYPES = ("gemma",)
@@ -40,3 +46,17 @@ def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
         layer_types=("full",) * common["num_layers"],
         activation="gelu_tanh",
     )
+
+
+def hf_gemma_fields(config: ModelConfig, model_type: str, architecture: str) -> dict:
+    """What every Gemma generation writes (norms as w: HF computes x * (1 + w) itself)."""
+    return {
+        **hf_common(config, model_type, architecture),
+        "hidden_activation": hf_activation_name(config),
+        "attention_bias": config.qkv_bias,
+    }
+
+
+def to_hf(config: ModelConfig) -> dict:
+    """config.json for GemmaForCausalLM."""
+    return hf_gemma_fields(config, "gemma", "GemmaForCausalLM")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from jft.models.checkpoint_fields import GGUFMetadata, HFConfig, hf_layer_types
+from jft.models.checkpoint_fields import (
+    GGUFMetadata,
+    HFConfig,
+    hf_layer_type_names,
+    hf_layer_types,
+)
 from jft.models.config import ModelConfig
-from jft.models.gemma import GEMMA_TRAITS, hf_fields
+from jft.models.gemma import GEMMA_TRAITS, hf_fields, hf_gemma_fields
 
 HF_MODEL_TYPES = ("gemma2",)
 GGUF_ARCHITECTURES = ("gemma2",)
@@ -53,3 +58,20 @@ def gguf_query_scale(common: dict, big_layers: int) -> float:
     if common["num_layers"] == big_layers:
         return (common["embed_dim"] // common["num_heads"]) ** -0.5
     return common["head_dim"] ** -0.5
+
+
+def hf_attention_fields(config: ModelConfig) -> dict:
+    """Gemma 2/3's sliding layers, query scale and soft-caps."""
+    return {
+        "sliding_window": config.sliding_window,
+        "layer_types": hf_layer_type_names(config),
+        "query_pre_attn_scalar": round(config.scale**-2),  # an int in HF's schema
+        "attn_logit_softcapping": config.attn_softcap,
+        "final_logit_softcapping": config.final_softcap,
+    }
+
+
+def to_hf(config: ModelConfig) -> dict:
+    """config.json for Gemma2ForCausalLM."""
+    return {**hf_gemma_fields(config, "gemma2", "Gemma2ForCausalLM"),
+            **hf_attention_fields(config)}

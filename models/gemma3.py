@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from jft.models.checkpoint_fields import GGUFMetadata, HFConfig, hf_layer_types
 from jft.models.config import ModelConfig, RopeConfig
-from jft.models.gemma import GEMMA_TRAITS, hf_fields
-from jft.models.gemma2 import gguf_query_scale
+from jft.models.gemma import GEMMA_TRAITS, hf_fields, hf_gemma_fields
+from jft.models.gemma2 import gguf_query_scale, hf_attention_fields
 
 HF_MODEL_TYPES = ("gemma3_text", "gemma3")
 GGUF_ARCHITECTURES = ("gemma3",)
@@ -61,3 +61,11 @@ def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
         attn_softcap=meta.get("attn_logit_softcapping"),
         final_softcap=meta.get("final_logit_softcapping"),
     )
+
+
+def to_hf(config: ModelConfig) -> dict:
+    """config.json for Gemma3ForCausalLM (the text model)."""
+    local = config.local_rope or config.rope
+    return {**hf_gemma_fields(config, "gemma3_text", "Gemma3ForCausalLM"),
+            **hf_attention_fields(config),
+            "rope_local_base_freq": local.theta}

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from jft.models.checkpoint_fields import GGUFMetadata, HFConfig, hf_layer_types
+from jft.errors import JftError
+from jft.models.checkpoint_fields import (
+    GGUFMetadata,
+    HFConfig,
+    hf_common,
+    hf_layer_type_names,
+    hf_layer_types,
+)
 from jft.models.config import ModelConfig
 
 HF_MODEL_TYPES = ("llama", "mistral")
@@ -36,3 +43,18 @@ def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
         layer_types=("sliding" if window else "full",) * common["num_layers"],
         sliding_window=window,
     )
+
+
+def to_hf(config: ModelConfig) -> dict:
+    """config.json for LlamaForCausalLM."""
+    if config.qkv_bias != config.o_bias:
+        raise JftError("Llama's config.json has one attention_bias for q/k/v and o; this "
+                       "model has biases on only some of them")
+    return {
+        **hf_common(config, "llama", "LlamaForCausalLM"),
+        "hidden_act": "silu",
+        "attention_bias": config.qkv_bias,
+        "mlp_bias": config.mlp_bias,
+        "sliding_window": config.sliding_window,
+        "layer_types": hf_layer_type_names(config),
+    }

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from jft.models.checkpoint_fields import GGUFMetadata, HFConfig, hf_layer_types
+from jft.models.checkpoint_fields import (
+    GGUFMetadata,
+    HFConfig,
+    hf_common,
+    hf_layer_type_names,
+    hf_layer_types,
+)
 from jft.models.config import ModelConfig
 
 HF_MODEL_TYPES = ("qwen2",)
@@ -42,3 +48,21 @@ def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool, family: str = "qw
         layer_types=("full",) * common["num_layers"],
         qk_norm=family == "qwen3",
     )
+
+
+def to_hf(config: ModelConfig) -> dict:
+    """config.json for Qwen2ForCausalLM / Qwen3ForCausalLM."""
+    qwen3 = config.family == "qwen3"
+    name = "Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"
+    fields = {
+        **hf_common(config, config.family, name),
+        "hidden_act": "silu",
+        "use_sliding_window": config.sliding_window is not None,
+        "sliding_window": config.sliding_window,
+        "max_window_layers": next((i for i, t in enumerate(config.layer_types)
+                                   if t == "sliding"), config.num_layers),
+        "layer_types": hf_layer_type_names(config),
+    }
+    if qwen3:
+        fields["attention_bias"] = config.qkv_bias
+    return fields

@@ -16,3 +16,7 @@ def from_hf(hf: HFConfig) -> ModelConfig:
 
 def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
     return qwen2.from_gguf(meta, vocab_size, tied, family="qwen3")
+
+
+def to_hf(config: ModelConfig) -> dict:
+    return qwen2.to_hf(config)

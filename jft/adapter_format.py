@@ -1,0 +1,84 @@
+"""jft's own adapter format, for every method (and the only one for S²FT, SpIEL, LISA and
+HFT, which PEFT cannot express): a directory with `jft_adapter.json` and
+`adapter.safetensors`. See docs/formats.md.
+
+The delta is stored in the form that applies to an unmodified base (S²FT's indexed
+layout, not its training permutation), one safetensors tensor per leaf, named by its
+path in the delta (`layers/q_proj/values`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from jft.errors import JftError
+from jft.models import ModelConfig
+
+CONFIG_FILE = "jft_adapter.json"
+TENSORS_FILE = "adapter.safetensors"
+FORMAT_VERSION = 1
+# The base's shape, recorded so that an adapter never loads over another model.
+_MODEL_FIELDS = ("family", "vocab_size", "embed_dim", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "mlp_dim")
+
+
+def is_jft_adapter(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def save_jft_adapter(adapter, model: ModelConfig, directory: Path,
+                     base_model: str | None = None) -> None:
+    from jft.peft.factory import config_to_options
+
+    tensors = {
+        jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(adapter.delta)[0]
+    }
+    save_file(tensors, Path(directory) / TENSORS_FILE)
+    config = {
+        "format": "jft-adapter", "version": FORMAT_VERSION, "method": adapter.method,
+        "options": config_to_options(adapter.config), "base_model": base_model,
+        "model": {name: getattr(model, name) for name in _MODEL_FIELDS},
+    }
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_jft_adapter(directory: Path, base, model: ModelConfig, rules=None):
+    """(the base it applies to, [Adapter]) from a jft adapter directory; the delta sharded
+    like its base over `rules`' mesh when given."""
+    from jft.peft import Adapter, get_method, make_config
+
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+        method, options, saved = config["method"], config["options"], config["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise JftError(f"{path}: not a jft adapter config ({error})") from None
+    if config.get("version") != FORMAT_VERSION:
+        raise JftError(f"{path}: version {config.get('version')!r}; this jft reads version "
+                       f"{FORMAT_VERSION}")
+    for name in _MODEL_FIELDS:
+        if saved.get(name) != getattr(model, name):
+            raise JftError(f"{path}: the adapter was made for a model with {name}="
+                           f"{saved.get(name)!r}, this base has {getattr(model, name)!r}")
+    peft_config = make_config(method, options)
+    delta: dict = {}
+    for key, value in load_file(directory / TENSORS_FILE).items():
+        node = delta
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jax.numpy.asarray(value)
+    impl = get_method(method)
+    if rules is not None:
+        from jft.sharding.placement import put, tree_shardings
+
+        delta = put(delta, tree_shardings(rules, delta, impl.delta_axes(delta, model,
+                                                                        peft_config)))
+    return impl.rebase(base, delta, model, peft_config), [Adapter(delta, method, peft_config)]

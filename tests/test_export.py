@@ -1,0 +1,196 @@
+"""Merged export: every family, from GGUF (config.json written by jft) and from HF
+directories (copied), with deltas of several methods folded in, loads in transformers
+with the same logits; `python -m jft.export` end to end and its bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jft
+from jft.api import Model
+from jft.hf_export import write_hf_dir
+from jft.peft import Adapter, create, get_method
+from jft.peft.base import partition
+from tests.gguf_writer import write_gguf
+from tests.hf_reference import hf_logits, make_hf_model, save_hf_model
+from tests.test_train_cli import ROOT, _config, _train, tiny_model  # noqa: F401
+
+TOKENS = np.array([[1, 5, 9, 33, 70, 101, 7, 150, 3, 12]])
+
+
+def _trained(method: str, model: Model, seed: int, **options) -> Model:
+    """`model` with a `method` adapter whose trainable leaves are random (as after
+    training), in the form that applies to the unmodified base."""
+    base, adapter = create(method, jax.random.key(seed), model.params, model.config, **options)
+    trainable, _ = partition([adapter])
+    rng = np.random.default_rng(seed)
+    noisy = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape), trainable[0].delta)
+    delta = jax.tree.map(lambda t, x: x if t is None else t, noisy, adapter.delta,
+                         is_leaf=lambda x: x is None)
+    impl = get_method(method)
+    delta, config = impl.split(delta, model.config, adapter.config)
+    params = impl.rebase(model.params, delta, model.config, config)
+    return Model(model.config, params, model.tokenizer, model.source,
+                 [Adapter(jax.tree.map(jnp.asarray, delta), method, config)])
+
+
+CASES = [  # family, method, options
+    ("llama", "lora", dict(targets="all-linear", r=4, dora=True)),
+    ("qwen2", "s2ft", dict(attention_ratio=0.5, mlp_ratio=0.25,
+                           attention_modules=["q_proj", "v_proj", "o_proj"])),
+    ("qwen3", "spiel", dict(density=0.05)),
+    ("gemma", "ia3", dict(targets="all-linear")),
+    ("gemma2", "full", {}),
+    ("gemma3", "lora", dict(targets=["q_proj", "down_proj"], init="pissa", r=4)),
+]
+
+
+@pytest.mark.parametrize("family, method, options", CASES, ids=[c[0] for c in CASES])
+def test_merged_gguf_model_loads_in_transformers_with_the_same_logits(
+        family, method, options, tmp_path):
+    import transformers
+
+    gguf = write_gguf(make_hf_model(family), tmp_path / f"{family}.gguf", family)
+    model = _trained(method, jft.load(gguf, dtype="float32", compute_dtype="float32"), 1,
+                     **options)
+    expected = np.asarray(model.logits(TOKENS))
+    out = tmp_path / "merged"
+    write_hf_dir(model, out, "fp32", max_shard_bytes=100_000)  # several shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    np.testing.assert_allclose(hf_logits(hf.float(), TOKENS), expected, atol=1e-4)
+
+
+def test_merged_hf_dir_keeps_its_config_and_tokenizer_files(tmp_path):
+    import transformers
+
+    source = tmp_path / "source"
+    save_hf_model("qwen2", source)
+    (source / "tokenizer_config.json").write_text('{"model_max_length": 7}')
+    model = _trained("lora", jft.load(source, dtype="float32", compute_dtype="float32"), 2,
+                     targets="all-linear", r=4)
+    out = tmp_path / "merged"
+    write_hf_dir(model, out, "bf16")
+    written = json.loads((out / "config.json").read_text())
+    original = json.loads((source / "config.json").read_text())
+    assert written == {**original, "dtype": "bfloat16", "torch_dtype": "bfloat16"}
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 7}'
+    assert (out / "model.safetensors").is_file()  # small enough for one file
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert next(hf.parameters()).dtype.__str__() == "torch.bfloat16"
+    expected = np.asarray(model.logits(TOKENS))
+    # bf16 weights: the logits agree to bf16 precision of the merged weights.
+    np.testing.assert_allclose(hf_logits(hf.float(), TOKENS), expected, atol=0.05)
+
+
+def _export(*args):
+    return subprocess.run([sys.executable, "-m", "jft.export", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_exports_a_run_merged_and_refuses_what_it_cannot(tiny_model, tmp_path):  # noqa: F811
+    import transformers
+
+    config = _config(tmp_path, tiny_model, eval={"every": 0}, **{
+        "data.eval": None, "train.steps": 2})
+    _train(config)
+    run, out = tmp_path / "run", tmp_path / "merged"
+    done = _export(run, "--out", out, "--format", "merged", "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = jft.load(tiny_model, dtype="float32", compute_dtype="float32", adapter=run)
+    ids = model.tokenizer.encode("Rewrite the date 1969-07-20")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    np.testing.assert_allclose(hf_logits(hf, np.array([ids])), np.asarray(model.logits(ids)),
+                               atol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("Rewrite the date")["input_ids"] == model.tokenizer.encode(
+        "Rewrite the date")
+
+    gguf = _export(run, "--out", tmp_path / "gguf", "--format", "gguf", "--quant", "f32")
+    assert gguf.returncode == 0, gguf.stderr[-2000:]
+    reloaded = jft.load(tmp_path / "gguf/model.gguf", dtype="float32", compute_dtype="float32")
+    prompt = "Rewrite the date 1969-07-20 as DD/MM/YYYY. Answer:"
+    assert reloaded.generate(prompt, max_new_tokens=6) == model.generate(prompt,
+                                                                         max_new_tokens=6)
+
+    for format in ("jft", "peft"):  # the adapter alone, loaded back over the same base
+        done = _export(run, "--out", tmp_path / format, "--format", format)
+        assert done.returncode == 0, done.stderr[-2000:]
+        back = jft.load(tiny_model, dtype="float32", compute_dtype="float32",
+                        adapter=tmp_path / format)
+        np.testing.assert_allclose(np.asarray(back.logits(ids)), np.asarray(model.logits(ids)),
+                                   atol=1e-5)
+    remerged = _export("--adapter", tmp_path / "jft", "--out", tmp_path / "remerged",
+                       "--format", "merged", "--dtype", "fp32")  # base from jft_adapter.json
+    assert remerged.returncode == 0, remerged.stderr[-2000:]
+    assert (tmp_path / "remerged/model.safetensors").read_bytes() == (
+        out / "model.safetensors").read_bytes()
+
+    again = _export(run, "--out", out, "--format", "merged")
+    assert again.returncode == 2
+    assert again.stderr == f"error: {out} exists; choose another --out, or pass --overwrite " \
+                           "to move it aside\n"
+    replaced = _export(run, "--out", out, "--format", "merged", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert (tmp_path / "merged.old1" / "config.json").is_file()  # moved aside, not lost
+
+    prompt = tmp_path / "prompt"
+    _train(_config(prompt.parent, tiny_model, eval={"every": 0}, **{
+        "data.eval": None, "train.steps": 1, "output_dir": str(prompt),
+        "method": {"name": "prompt_tuning", "num_virtual_tokens": 2}}))
+    refused = _export(prompt, "--out", tmp_path / "x", "--format", "merged")
+    assert refused.returncode == 2
+    assert refused.stderr == "error: --format merged cannot express prompt_tuning; " \
+                             "prompt_tuning exports as peft or jft\n"
+    assert not (tmp_path / "x").exists() and not Path(f"{tmp_path / 'x'}.partial").exists()
+
+
+JFT_FORMAT_CASES = [
+    ("s2ft", dict(attention_ratio=0.5, mlp_ratio=0.25)),
+    ("spiel", dict(density=0.05)),
+    ("lora", dict(targets="all-linear", r=4, init="pissa", rank_pattern={"q_proj": 2})),
+    ("hft", {}),
+    ("prefix_tuning", dict(num_virtual_tokens=3)),
+]
+
+
+@pytest.mark.parametrize("method, options", JFT_FORMAT_CASES, ids=[c[0] for c in JFT_FORMAT_CASES])
+def test_jft_adapter_format_round_trips_over_the_unmodified_base(method, options, tmp_path):
+    from jft.adapter_format import load_jft_adapter, save_jft_adapter
+
+    source = tmp_path / "source"
+    save_hf_model("llama", source)
+    base = jft.load(source, dtype="float32", compute_dtype="float32")
+    model = _trained(method, base, 3, **options)
+    save_jft_adapter(model.adapters[0], model.config, tmp_path, str(source))
+    params, adapters = load_jft_adapter(tmp_path, base.params, base.config)
+    loaded = Model(base.config, params, base.tokenizer, base.source, adapters)
+    np.testing.assert_allclose(np.asarray(loaded.logits(TOKENS)),
+                               np.asarray(model.logits(TOKENS)), atol=1e-5)
+    if method == "lora":  # PiSSA rewrote the base: loading rewrites it again, exactly
+        assert not np.array_equal(np.asarray(params["layers"]["q_proj"]),
+                                  np.asarray(base.params["layers"]["q_proj"]))
+
+
+def test_jft_adapter_for_another_base_is_refused(tmp_path):
+    from jft.adapter_format import load_jft_adapter, save_jft_adapter
+    from jft.errors import JftError
+
+    source = tmp_path / "source"
+    save_hf_model("llama", source)
+    base = jft.load(source, dtype="float32", compute_dtype="float32")
+    model = _trained("lora", base, 4, r=2)
+    save_jft_adapter(model.adapters[0], model.config, tmp_path)
+    other = base.config.replace(mlp_dim=base.config.mlp_dim * 2)
+    with pytest.raises(JftError, match="made for a model with mlp_dim=96, this base has 192"):
+        load_jft_adapter(tmp_path, base.params, other)
