@@ -27,6 +27,18 @@ _MODEL_FIELDS = ("family", "vocab_size", "embed_dim", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "mlp_dim")
 
 
+def architecture(model: ModelConfig) -> dict:
+    """What an adapter records of its base, to refuse loading over another model."""
+    return {name: getattr(model, name) for name in _MODEL_FIELDS}
+
+
+def check_architecture(saved: dict, model: ModelConfig, where) -> None:
+    for name, value in architecture(model).items():
+        if saved.get(name) != value:
+            raise JftError(f"{where}: the adapter was made for a model with {name}="
+                           f"{saved.get(name)!r}, this base has {value!r}")
+
+
 def is_jft_adapter(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
@@ -43,7 +55,7 @@ def save_jft_adapter(adapter, model: ModelConfig, directory: Path,
     config = {
         "format": "jft-adapter", "version": FORMAT_VERSION, "method": adapter.method,
         "options": config_to_options(adapter.config), "base_model": base_model,
-        "model": {name: getattr(model, name) for name in _MODEL_FIELDS},
+        "model": architecture(model),
     }
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -63,10 +75,7 @@ def load_jft_adapter(directory: Path, base, model: ModelConfig, rules=None):
     if config.get("version") != FORMAT_VERSION:
         raise JftError(f"{path}: version {config.get('version')!r}; this jft reads version "
                        f"{FORMAT_VERSION}")
-    for name in _MODEL_FIELDS:
-        if saved.get(name) != getattr(model, name):
-            raise JftError(f"{path}: the adapter was made for a model with {name}="
-                           f"{saved.get(name)!r}, this base has {getattr(model, name)!r}")
+    check_architecture(saved, model, path)
     peft_config = make_config(method, options)
     delta: dict = {}
     for key, value in load_file(directory / TENSORS_FILE).items():

@@ -71,24 +71,35 @@ class RunCheckpoints:
 
 
 def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
-    """The adapter of a run's latest checkpoint over `base`: (the base it applies to,
+    """The adapter of a run's latest checkpoint (or of `RUN/checkpoints/N` itself) over
+    `base`: (the base it applies to,
     [Adapter]). The adapter is in the form that applies to an unmodified base where the
     method has one (`split`: S2FT's indexed form); the base is rewritten only for
     PiSSA-like inits (`rebase`). The delta lands on the default device, or sharded like
     its base over `rules`' mesh, whatever mesh the run trained on."""
+    from jft.adapter_format import check_architecture
     from jft.peft import Adapter, get_method, make_config
     from jft.sharding.placement import tree_shardings
 
-    directory = Path(run_dir).absolute() / "checkpoints"
+    run_dir, step = Path(run_dir).absolute(), None
+    if run_dir.parent.name == "checkpoints" and run_dir.name.isdigit():  # one checkpoint
+        run_dir, step = run_dir.parents[1], int(run_dir.name)
+    directory = run_dir / "checkpoints"
     if not directory.is_dir():
         raise JftError(f"{run_dir}: no checkpoints/ folder; give a jft run directory")
     manager = ocp.CheckpointManager(directory, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "adapter": ocp.StandardCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
-    step = manager.latest_step()
     if step is None:
-        raise JftError(f"{directory}: holds no finished checkpoint")
+        step = manager.latest_step()
+        if step is None:
+            raise JftError(f"{directory}: holds no finished checkpoint")
+    elif step not in manager.all_steps():
+        raise JftError(f"{directory}/{step}: not a finished checkpoint; finished: "
+                       f"{sorted(manager.all_steps())}")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if "architecture" in meta:  # runs saved before it was recorded go unchecked
+        check_architecture(meta["architecture"], model, directory / str(step))
     config = make_config(meta["method"], meta["options"])
     impl = get_method(meta["method"])
     # Shapes only: the mesh the run trained on need not exist here.

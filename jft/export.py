@@ -30,7 +30,9 @@ def build_parser():
 
     parser = ArgumentParser(prog="python -m jft.export",
                             description="Export a fine-tuned model (see docs/export.md).")
-    parser.add_argument("run", nargs="?", help="a jft.train run directory")
+    parser.add_argument("run", nargs="?",
+                        help="a jft.train run directory (its latest checkpoint), or one "
+                        "checkpoint of it: RUN/checkpoints/N")
     parser.add_argument("--model", help="the base model (default: the run's config)")
     parser.add_argument("--adapter", help="an adapter instead of RUN: run dir or PEFT dir")
     parser.add_argument("--out", required=True, help="the directory to write (must not exist)")
@@ -109,6 +111,8 @@ def _run_model(source: Path) -> str:
     """The base a run (its config.yaml) or a jft adapter (its jft_adapter.json) names."""
     from jft.adapter_format import CONFIG_FILE
 
+    if source.parent.name == "checkpoints":  # RUN/checkpoints/N
+        source = source.parents[1]
     for name, key in (("config.yaml", "model"), (CONFIG_FILE, "base_model")):
         if (source / name).is_file():
             try:

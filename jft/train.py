@@ -172,6 +172,7 @@ class Run:
         self.start_step = int(meta["step"])
 
     def save(self, step: int):
+        from jft.adapter_format import architecture
         from jft.peft.factory import config_to_options
 
         if step == self.last_saved:  # e.g. a finished run started again
@@ -182,6 +183,7 @@ class Run:
             "step": step, "data": self.batcher.state(), "base": self.base_hash,
             "model": self.config.model, "method": adapter.method,
             "options": config_to_options(adapter.config),
+            "architecture": architecture(self.model_config),
         }, adapter.delta)
 
     # ------------------------------------------------------------------ the loop

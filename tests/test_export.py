@@ -16,6 +16,7 @@ import pytest
 
 import jft
 from jft.api import Model
+from jft.errors import JftError
 from jft.hf_export import write_hf_dir
 from jft.peft import Adapter, create, get_method
 from jft.peft.base import partition
@@ -136,6 +137,15 @@ def test_cli_exports_a_run_merged_and_refuses_what_it_cannot(tiny_model, tmp_pat
     assert (tmp_path / "remerged/model.safetensors").read_bytes() == (
         out / "model.safetensors").read_bytes()
 
+    one = _export(run / "checkpoints/2", "--out", tmp_path / "step2", "--format", "jft")
+    assert one.returncode == 0, one.stderr[-2000:]  # a given checkpoint, here the latest
+    assert (tmp_path / "step2/adapter.safetensors").read_bytes() == (
+        tmp_path / "jft/adapter.safetensors").read_bytes()
+    save_hf_model("llama", tmp_path / "other")
+    with pytest.raises(JftError, match="made for a model with vocab_size=49152, this base "
+                                       "has 160"):
+        jft.load(tmp_path / "other", adapter=run)
+
     again = _export(run, "--out", out, "--format", "merged")
     assert again.returncode == 2
     assert again.stderr == f"error: {out} exists; choose another --out, or pass --overwrite " \
@@ -184,7 +194,6 @@ def test_jft_adapter_format_round_trips_over_the_unmodified_base(method, options
 
 def test_jft_adapter_for_another_base_is_refused(tmp_path):
     from jft.adapter_format import load_jft_adapter, save_jft_adapter
-    from jft.errors import JftError
 
     source = tmp_path / "source"
     save_hf_model("llama", source)
