@@ -213,8 +213,8 @@ def _load_gguf(path: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
             # llama.cpp stores Gemma's norms as 1 + w
             return gguf_file.read(name, rows=rows, columns=columns) - 1.0
         weights = gguf_file.read(name, dtype, rows, columns)
-        if architecture == "llama" and name.endswith(_ROTARY_PERMUTED):
-            weights = _unpermute_rotary(weights, config.head_dim)  # rows are whole heads
+        if architecture == "llama" and name.endswith(ROTARY_PERMUTED):
+            weights = unpermute_rotary(weights, config.head_dim)  # rows are whole heads
         return weights
 
     reader = _Reader(name_of=lambda source: source.gguf, shape=shape, read=read,
@@ -231,13 +231,22 @@ def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tok
     return tokenizer
 
 
-_ROTARY_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+ROTARY_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 
 
-def _unpermute_rotary(weights: np.ndarray, head_dim: int) -> np.ndarray:
+def unpermute_rotary(weights: np.ndarray, head_dim: int) -> np.ndarray:
     """Undo llama.cpp's interleaved-rotary row order, back to HF's rotate-half order."""
     return (
         weights.reshape(-1, head_dim // 2, 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def permute_rotary(weights: np.ndarray, head_dim: int) -> np.ndarray:
+    """HF's rotate-half row order -> llama.cpp's interleaved order (for GGUF export)."""
+    return (
+        weights.reshape(-1, 2, head_dim // 2, *weights.shape[1:])
         .swapaxes(1, 2)
         .reshape(weights.shape)
     )

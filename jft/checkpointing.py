@@ -72,11 +72,10 @@ class RunCheckpoints:
 
 def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
     """The adapter of a run's latest checkpoint (or of `RUN/checkpoints/N` itself) over
-    `base`: (the base it applies to,
-    [Adapter]). The adapter is in the form that applies to an unmodified base where the
-    method has one (`split`: S2FT's indexed form); the base is rewritten only for
-    PiSSA-like inits (`rebase`). The delta lands on the default device, or sharded like
-    its base over `rules`' mesh, whatever mesh the run trained on."""
+    `base`: (the base it applies to, [Adapter]). The adapter is in the form that applies
+    to an unmodified base where the method has one (`split`: S2FT's indexed form); the
+    base is rewritten only for PiSSA-like inits (`rebase`). The delta lands on the default
+    device, or sharded like its base over `rules`' mesh, whatever mesh the run trained on."""
     from jft.adapter_format import check_architecture
     from jft.peft import Adapter, get_method, make_config
     from jft.sharding.placement import tree_shardings

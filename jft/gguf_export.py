@@ -22,11 +22,12 @@ import numpy as np
 import tokenizers
 from gguf import GGMLQuantizationType as Q
 
+from jft.checkpoint import ROTARY_PERMUTED, permute_rotary
 from jft.errors import JftError
 from jft.models import ModelConfig, config_from_gguf
 from jft.models.checkpoint_fields import GGUFMetadata
 from jft.models.config import RopeConfig
-from jft.models.tensor_names import TOP_LEVEL, layer_sources
+from jft.models.tensor_names import checkpoint_tensors
 from jft.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer  # the loader's splits by pre name
 
 QUANTS = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
@@ -36,7 +37,6 @@ _FILE_TYPES = {
     Q.F16: gguf.LlamaFileType.MOSTLY_F16,
     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
-_ROTARY_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 # Runtime policy and token ids (written from the tokenizer) are not architecture.
 _NOT_ARCHITECTURE = ("dtype", "remat", "attention_impl", "bos_id", "eos_id")
 
@@ -176,34 +176,19 @@ def _same(a: Any, b: Any) -> bool:
 
 def _tensor_specs(config: ModelConfig, params: dict, freq_factors: np.ndarray | None
                   ) -> Iterator[tuple[str, tuple[int, ...], Any]]:
-    """(GGUF name, shape, a function giving its float32 values), in llama.cpp's order."""
+    """(GGUF name, shape, a function giving its values as llama.cpp stores them)."""
 
     def stored(name: str, values: np.ndarray) -> np.ndarray:
-        if config.family == "llama" and name.endswith(_ROTARY_PERMUTED):
-            values = _permute_rotary(values, config.head_dim)
+        if config.family == "llama" and name.endswith(ROTARY_PERMUTED):
+            values = permute_rotary(values, config.head_dim)
         if config.norm_plus_one and name.endswith("norm.weight"):
             values = values + 1.0
         return values
 
-    def top(key: str):
-        source = TOP_LEVEL[key]
-        leaf = params[key]
-        return source.gguf, tuple(leaf.shape), lambda: stored(source.gguf, np.asarray(leaf))
-
-    yield top("embed")
+    for name, shape, read in checkpoint_tensors(params, config, lambda source: source.gguf):
+        yield name, shape, lambda name=name, read=read: stored(name, read())
     if freq_factors is not None:
         yield "rope_freqs.weight", freq_factors.shape, lambda: freq_factors
-    sources = layer_sources(config)
-    for i in range(config.num_layers):
-        for key, leaf in params["layers"].items():
-            source = sources[key]
-            name = source.gguf.format(i=i)
-            shape = source.layout.checkpoint_shape(tuple(leaf.shape[1:]))
-            yield name, shape, (lambda leaf=leaf, source=source, name=name, i=i: stored(
-                name, source.from_jft(np.asarray(leaf[i]), config)))
-    yield top("final_norm")
-    if not config.tie_embeddings:
-        yield top("lm_head")
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], qtype: Q) -> Q:
@@ -213,16 +198,6 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: Q) -> Q:
         return Q.F32
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if shape[-1] % block == 0 else Q.F16
-
-
-def _permute_rotary(values: np.ndarray, head_dim: int) -> np.ndarray:
-    """HF's rotate-half row order -> llama.cpp's interleaved order, head by head (the
-    inverse of `jft.checkpoint._unpermute_rotary`)."""
-    return (
-        values.reshape(-1, 2, head_dim // 2, *values.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(values.shape)
-    )
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import jax
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
 from jft.models import FAMILIES, ModelConfig
-from jft.models.tensor_names import TOP_LEVEL, TensorSource, layer_sources
+from jft.models.tensor_names import checkpoint_tensors
 
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
-_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 MAX_SHARD_BYTES = 5 * 2**30
@@ -53,38 +50,15 @@ def write_hf_dir(model, directory: Path, dtype: str = "bf16",
     else:
         fields = hf_config(model.config)
     # `dtype` for transformers 5, `torch_dtype` for 4.
-    fields["dtype"] = fields["torch_dtype"] = _TORCH_NAMES[dtype]
+    fields["dtype"] = fields["torch_dtype"] = np.dtype(DTYPES[dtype]).name
     (directory / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
     _write_generation_config(model, directory)
     _write_tokenizer(model, directory)
     _write_shards(params, model.config, directory, DTYPES[dtype], max_shard_bytes)
 
 
-def hf_tensors(params, config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
-    """(HF name, HF shape, a thunk giving the array in HF layout) of every tensor, in HF's
-    order; the thunk reads one tensor (one layer's slice) off the device."""
-    sources = layer_sources(config)
-    yield _top("embed", params["embed"])
-    for i in range(config.num_layers):
-        for key, value in params["layers"].items():
-            yield _layer(sources[key], value, i, config)
-    yield _top("final_norm", params["final_norm"])
-    if "lm_head" in params:
-        yield _top("lm_head", params["lm_head"])
-
-
-def _top(key, value):
-    return TOP_LEVEL[key].hf, tuple(value.shape), lambda: np.asarray(jax.device_get(value))
-
-
-def _layer(source: TensorSource, stacked, i: int, config: ModelConfig):
-    shape = source.layout.checkpoint_shape(stacked.shape[1:])
-    return (source.hf.format(i=i), shape,
-            lambda: source.from_jft(np.asarray(jax.device_get(stacked[i])), config))
-
-
 def _write_shards(params, config, directory: Path, dtype, max_shard_bytes: int) -> None:
-    tensors = list(hf_tensors(params, config))
+    tensors = list(checkpoint_tensors(params, config, lambda source: source.hf))
     shards: list[list] = [[]]
     size = 0
     for entry in tensors:  # planned from shapes first: file names carry the shard count

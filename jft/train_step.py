@@ -193,7 +193,7 @@ class ShardedSteps:
         shardings = batch_shardings(self.rules, batch)
         return put(dict(batch), shardings), shardings
 
-    def _jit(self, fn, in_shardings, out_shardings, donate=None):
+    def _jit(self, fn, in_shardings, out_shardings, donate=()):
         rules = self.rules
 
         def traced(*args):
@@ -201,7 +201,7 @@ class ShardedSteps:
                 return fn(*args)
 
         return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
-                       donate_argnums=() if donate is None else donate)
+                       donate_argnums=donate)
 
 
 def state_shardings(rules: LogicalRules, state: TrainState, optimizer, model: ModelConfig

@@ -12,6 +12,7 @@ that holds it, so that a sharded load reads only the rows its devices hold.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,3 +159,27 @@ def layer_sources(config: ModelConfig) -> dict[str, TensorSource]:
     else:
         sources["mlp_norm"] = src("post_attention_layernorm.weight", "ffn_norm.weight", embed)
     return sources
+
+
+def checkpoint_tensors(params: dict, config: ModelConfig, name_of: Callable[[TensorSource], str]
+                       ) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(name, shape in the checkpoint layout, a thunk reading it off the device in that
+    layout) of every tensor of a jft params tree, in the checkpoints' order: embeddings,
+    layer by layer, final norm, head. `name_of` picks the format (`lambda s: s.hf`)."""
+
+    def top(key: str):
+        leaf = params[key]
+        return name_of(TOP_LEVEL[key]), tuple(leaf.shape), lambda: np.asarray(leaf)
+
+    yield top("embed")
+    sources = layer_sources(config)
+    for i in range(config.num_layers):
+        for key, stacked in params["layers"].items():
+            source = sources[key]
+            yield (name_of(source).format(i=i),
+                   source.layout.checkpoint_shape(tuple(stacked.shape[1:])),
+                   lambda source=source, stacked=stacked, i=i: source.from_jft(
+                       np.asarray(stacked[i]), config))
+    yield top("final_norm")
+    if "lm_head" in params:
+        yield top("lm_head")
