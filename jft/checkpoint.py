@@ -309,6 +309,9 @@ class _Shards:
         value = value.astype(self.dtype, copy=False)
         for device in self.devices_of[part]:
             self.buffers[device] = update(self.buffers[device], value, offset)
+        # Dispatch is asynchronous: without waiting, the host copies of every layer read
+        # so far could pile up in the transfer queue, and host memory with them.
+        jax.block_until_ready([self.buffers[device] for device in self.devices_of[part]])
 
     def array(self) -> jax.Array:
         if self.sharding is None:
