@@ -18,6 +18,7 @@ from jft.models.transformer import (
     forward,
     init_cache,
     init_params,
+    output_logits,
     param_axes,
     param_shapes,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "forward",
     "init_cache",
     "init_params",
+    "output_logits",
     "param_axes",
     "param_shapes",
 ]

@@ -92,11 +92,13 @@ class ModelConfig:
     bos_id: int | None = None
     eos_id: int | None = None
     # Runtime policy, not architecture: the dtype activations are computed in
-    # (params keep their own dtype), the remat policy for the layer scan, and the
-    # attention implementation handed to jax.nn.dot_product_attention.
+    # (params keep their own dtype), the remat policy for the layer scan, the
+    # attention implementation handed to jax.nn.dot_product_attention, and whether
+    # adapters' fused Pallas kernels replace their XLA paths (`jft.pallas_kernels`).
     dtype: str = "bfloat16"
     remat: RematPolicy = "none"
-    attention_impl: Literal["xla", "cudnn"] | None = None
+    attention_impl: Literal["xla", "cudnn", "blockwise"] | None = None
+    kernels: Literal["auto", "pallas", "xla"] = "auto"
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_layers:

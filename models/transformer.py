@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jft.models import attention as attention_blocks
 from jft.models.config import ModelConfig
 from jft.sharding.logical import constrain
 
@@ -129,6 +130,7 @@ def forward(
     adapters: Sequence[Any] = (),
     with_prompts: bool | None = None,
     rng: jax.Array | None = None,
+    return_hidden: bool = False,
 ) -> jax.Array | tuple[jax.Array, Cache]:
     """Logits [B, T, V] in float32, plus the updated cache when one is given.
 
@@ -142,6 +144,8 @@ def forward(
     positions number the caller's own tokens; virtual tokens and prefix-tuning keys come
     first, so the forward pass shifts them past those.
     rng: a key for adapter dropout; None (the default) means no dropout.
+    return_hidden: return (final hidden states [B, T, D], output head [V, D]) instead of
+    logits (no cache), for a loss that computes logits a chunk at a time.
     """
     for adapter in adapters:
         params = adapter.impl.edit_params(params, adapter.delta, config, adapter.config)
@@ -220,16 +224,24 @@ def forward(
                layer_deltas)
     x, new_kv = jax.lax.scan(step, x, scanned)
 
-    x = rms_norm(x, params["final_norm"], config)
+    x = rms_norm(x, params["final_norm"], config)[:, num_prepended:]
     head = params["embed"] if config.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
-    if config.final_softcap:
-        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
-    logits = constrain(logits[:, num_prepended:], ("batch", "seq", "vocab"))
+    if return_hidden and cache is None:
+        return x, head
+    logits = output_logits(config, x, head)
     if cache is None:
         return logits
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}
     return logits, new_cache
+
+
+def output_logits(config: ModelConfig, x: jax.Array, head: jax.Array) -> jax.Array:
+    """Final hidden states [B, T, D] -> logits [B, T, V] in float32."""
+    logits = jnp.einsum("BTD,VD->BTV", x, head.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    if config.final_softcap:
+        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+    return constrain(logits, ("batch", "seq", "vocab"))
 
 
 class LayerHooks:
@@ -323,11 +335,23 @@ def _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
 
 
 def attention(q, k, v, mask, config: ModelConfig) -> jax.Array:
-    """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] bool -> [B, T, N, H]."""
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] bool -> [B, T, N, H].
+
+    `config.attention_impl`: "xla" forms the whole [B, N, T, S] logits, "cudnn" is
+    cuDNN's fused kernel (GPU, bf16/fp16), "blockwise" goes over keys a block at a time
+    (`attention.blockwise_attention`); None picks blockwise once the keys outnumber one
+    block (long sequences, where XLA's logits and probabilities dominate memory) and XLA
+    otherwise (short sequences, decoding).
+    """
     if config.attn_softcap is None:
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=config.scale, implementation=config.attention_impl
-        )
+        impl = config.attention_impl
+        if impl is None:
+            long = k.shape[1] > attention_blocks.BLOCK and q.shape[1] > 1
+            impl = "blockwise" if long else "xla"
+        if impl == "blockwise":
+            return attention_blocks.blockwise_attention(q, k, v, mask, config.scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=config.scale,
+                                            implementation=impl)
     # jax.nn.dot_product_attention has no logit soft-capping (Gemma 2), so this path
     # spells the softmax out.
     b, t, n, h = q.shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +105,41 @@ def test_two_accumulated_half_batches_equal_one_full_batch(params):
     for a, b in zip(jax.tree.leaves(full.adapters), jax.tree.leaves(accumulated.adapters),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_chunked_loss_equals_whole_sequence_loss_and_gradients(params, monkeypatch, method):
+    """Logits computed 8 positions at a time (29 positions: ragged last chunk) give the
+    loss and gradients of the whole [B, T, V] logits at once."""
+    from jft import train_step as step_module
+    from jft.models import forward
+    from jft.peft.base import combine, partition
+
+    base, adapter = create(method, jax.random.key(1), params, MODEL,
+                           **({"r": 4, "targets": "all-linear"} if method == "lora" else {}))
+    if method == "lora":  # B = 0 would hide errors in A's gradient
+        adapter = dataclasses.replace(adapter, delta=jax.tree.map(lambda x: x + 0.05,
+                                                                   adapter.delta))
+    batch = _batch([_row(EXAMPLES[:2], 30), _row(EXAMPLES[2:], 30)])
+    trainable, frozen = partition([adapter])
+
+    def whole(part):  # the reference: optax on the full logits
+        logits = forward(MODEL, base, batch["tokens"], batch["positions"],
+                         batch["segment_ids"], adapters=combine(part, frozen))
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1], batch["tokens"][:, 1:])
+        _, mask = step_module.token_losses(MODEL, base, combine(part, frozen), batch)
+        return jnp.sum(jnp.where(mask[:, 1:], losses, 0)) / mask.sum()
+
+    def chunked(part):
+        return step_module.mean_loss(MODEL, base, combine(part, frozen), batch)[0]
+
+    # 8-position chunks: 2 rows x 48 vocab x 4 bytes x 8.
+    monkeypatch.setattr(step_module, "LOSS_CHUNK_BYTES", 2 * 48 * 4 * 8)
+    loss, grads = jax.value_and_grad(chunked)(trainable)
+    jaxpr = str(jax.make_jaxpr(chunked)(trainable))
+    assert "f32[2,8,48]" in jaxpr and "f32[2,29,48]" not in jaxpr
+    expected, expected_grads = jax.value_and_grad(whole)(trainable)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
