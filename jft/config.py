@@ -26,6 +26,7 @@ from jft.errors import JftError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
+Kernels = Literal["auto", "pallas", "xla"]
 DataFormat = Literal["text", "prompt_completion", "chat"]
 Overlong = Literal["truncate", "drop"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -40,6 +41,7 @@ DATA_DRIVEN_SELECTIONS = ("activation", "gradient")  # S2FT's
 # same run when only these differ (see fingerprint() and docs/config.md).
 FINGERPRINT_EXCLUDED = (
     "remat",
+    "kernels",
     "output_dir",
     "train.steps",
     "train.log_every",
@@ -163,6 +165,7 @@ class TrainConfig:
     model_dtype: Dtype = "auto"
     compute_dtype: Dtype = "auto"
     remat: Remat = "none"
+    kernels: Kernels = "auto"
     method: MethodSection = dataclasses.field(default_factory=MethodSection)
     data: DataSection = _required()
     train: TrainSection = dataclasses.field(default_factory=TrainSection)

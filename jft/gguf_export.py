@@ -38,7 +38,7 @@ _FILE_TYPES = {
     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 # Runtime policy and token ids (written from the tokenizer) are not architecture.
-_NOT_ARCHITECTURE = ("dtype", "remat", "attention_impl", "bos_id", "eos_id")
+_NOT_ARCHITECTURE = ("dtype", "remat", "attention_impl", "kernels", "bos_id", "eos_id")
 
 
 def write_gguf_file(config: ModelConfig, params: dict, tokenizer: Tokenizer | None,

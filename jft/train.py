@@ -96,7 +96,7 @@ class Run:
         model = jft.load(config.model, dtype=config.model_dtype,
                          compute_dtype=config.compute_dtype, rules=self.rules)
         self.model = model
-        self.model_config = model.config.replace(remat=config.remat)
+        self.model_config = model.config.replace(remat=config.remat, kernels=config.kernels)
         self.data_config = DataConfig(**dataclasses.asdict(config.data))
         train = config.train
         self.batcher = make_batcher(self.data_config, model.tokenizer, train.batch_size,

@@ -1,4 +1,39 @@
 """Pallas kernels for fused low-rank and structured-sparse updates (`jft.pallas_kernels`).
 
-Every kernel here sits beside an XLA reference implementation of the same function.
+Every kernel sits beside an XLA reference implementation of the same function:
+
+- `lora_linear`: y = x W + s (x A) B, forward and backward fused (no dW);
+- `s2ft_linear`: S2FT's trainable block beside the frozen weight, the block's gradient
+  and the frozen remainder's dx in one pass over dy;
+- `multi_lora`: rows of one batch using different LoRA adapters (grouped for prefill,
+  gathered for decode).
+
+`kernels: auto | pallas | xla` (a run's config key, `ModelConfig.kernels`) chooses
+between them. `pallas` forces the kernels (interpret mode on CPU, which is slow and
+meant for tests), `xla` the references, and `auto` takes a kernel only on a platform
+where `benchmarks/kernels.py` measured it faster than its reference: MEASURED_FASTER
+below, which stays empty for a platform until the benchmark has run there.
 """
+
+from __future__ import annotations
+
+from jft.pallas_kernels.compat import platform
+
+KERNEL_SETTINGS = ("auto", "pallas", "xla")
+
+# kernel name -> platforms where its benchmark beat the XLA reference. No GPU or TPU
+# measurement has been made yet (benchmarks/results/ and BENCHMARKS.md say when one is).
+MEASURED_FASTER: dict[str, frozenset[str]] = {
+    "lora_linear": frozenset(),
+    "s2ft_linear": frozenset(),
+    "multi_lora": frozenset(),
+}
+
+
+def use_pallas(kernel: str, setting: str) -> bool:
+    """Whether `kernel` runs as its Pallas kernel under the `kernels` setting."""
+    if setting not in KERNEL_SETTINGS:
+        raise ValueError(f"kernels: {setting!r}; valid: {', '.join(KERNEL_SETTINGS)}")
+    if setting == "auto":
+        return platform() in MEASURED_FASTER[kernel]
+    return setting == "pallas"

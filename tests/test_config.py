@@ -26,6 +26,7 @@ model: smollm2-135m-instruct
 model_dtype: bfloat16
 compute_dtype: float32
 remat: dots
+kernels: xla
 method:
   name: lora
   r: 16
@@ -159,6 +160,7 @@ def test_defaults(minimal):
     assert (config.eval.every, config.eval.generate, config.eval.max_new_tokens) == (0, False, 64)
     assert (config.checkpoint.every, config.checkpoint.keep) == (0, 3)
     assert (config.model_dtype, config.compute_dtype, config.remat) == ("auto", "auto", "none")
+    assert config.kernels == "auto"
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
@@ -267,6 +269,7 @@ def test_wrong_types(minimal, override, key, expected):
     ("model_dtype=fp16", "model_dtype", "auto, float32, bfloat16, float16"),
     ("compute_dtype=int8", "compute_dtype", "auto, float32, bfloat16, float16"),
     ("remat=some", "remat", "none, full, dots, dots_no_batch"),
+    ("kernels=fast", "kernels", "auto, pallas, xla"),
     ("method.name=qlora", "method.name", "bitfit, full, hft, ia3, lisa, lora"),
 ])
 def test_unknown_names_list_the_valid_ones(minimal, override, key, valid):
@@ -370,6 +373,7 @@ def test_fingerprint(minimal, files):
     same = [
         ["train.steps=5000"], ["checkpoint.every=10"], ["checkpoint.keep=1"],
         ["train.log_every=50"], ["train.max_bad_steps=2"], ["remat=full"],
+        ["kernels=xla"],
         [f"output_dir={files['out']}2"], [f"data.eval={files['eval']}", "eval.every=5"],
         ["method.r=8"], ["method.alpha=8"], ["method.targets=[q_proj,v_proj]"],
     ]

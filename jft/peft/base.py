@@ -22,6 +22,8 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import PARAM_AXES, ModelConfig
+from jft.pallas_kernels import use_pallas
+from jft.sharding.logical import active_rules
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_MODULES = LINEAR_MODULES[:4]
@@ -323,6 +325,18 @@ def module_dims(model: ModelConfig, module: str) -> tuple[tuple[int, ...], tuple
         "up_proj": ((d,), (f,)),
         "down_proj": ((f,), (d,)),
     }[module]
+
+
+def use_kernel(kernel: str, model: ModelConfig) -> bool:
+    """Whether a method runs `kernel` as its fused Pallas kernel (`model.kernels`).
+
+    The kernels compute whole arrays on one device, so under a multi-device mesh the
+    XLA path runs instead: its einsums are what the sharding rules partition.
+    """
+    rules = active_rules()
+    if rules is not None and rules.mesh.size > 1:
+        return False
+    return use_pallas(kernel, model.kernels)
 
 
 def module_axes(module: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

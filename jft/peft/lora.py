@@ -35,6 +35,7 @@ from jft.peft.base import (
     module_dims,
     module_path,
     register,
+    use_kernel,
 )
 
 INITS = ("default", "gaussian", "pissa", "eva", "corda", "loraga")
@@ -153,8 +154,26 @@ class Lora(MethodBase):
             layers[module] = entry
         return {"layers": layers}
 
+    def linear(self, module, x, weight, equation, delta, delta_layer, layer, config):
+        if not _fused(module, delta_layer, layer, config):
+            return None
+        from jft.pallas_kernels.lora_linear import lora_linear
+
+        p = plan(layer.config, config)[module]
+        entry = delta_layer[module]
+        dims_in, dims_out = module_dims(layer.config, module)
+        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
+        lead = x.shape[:x.ndim - len(dims_in)]
+        mask = jnp.asarray(p.rank_mask(), x.dtype)[layer.index]
+        a = entry["a"].astype(x.dtype).reshape(size_in, -1) * mask
+        b = entry["b"].astype(x.dtype).reshape(-1, size_out)
+        scale = jnp.asarray(p.scales, jnp.float32)[layer.index]
+        y = lora_linear(x.reshape(*lead, size_in), weight.reshape(size_in, size_out), a, b,
+                        scale)
+        return y.reshape(*lead, *dims_out)
+
     def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
-        if module not in delta_layer:
+        if module not in delta_layer or _fused(module, delta_layer, layer, config):
             return y
         p = plan(layer.config, config)[module]
         entry = delta_layer[module]
@@ -241,6 +260,14 @@ class Lora(MethodBase):
                        "magnitude": ("layers", *axes_out)}
             layers[module] = {name: by_name[name] for name in entry}
         return {"layers": layers}
+
+
+def _fused(module, delta_layer, layer, config) -> bool:
+    """Whether this module's LoRA runs as the fused kernel (`kernels`), which covers
+    plain LoRA and rsLoRA: DoRA's rescaling and active dropout take the XLA path."""
+    return (module in delta_layer and not config.dora
+            and not (config.dropout and layer.rng is not None)
+            and use_kernel("lora_linear", layer.config))
 
 
 def _einsum_base(module: str) -> str:

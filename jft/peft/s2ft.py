@@ -49,7 +49,7 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import PARAM_AXES, ModelConfig
-from jft.peft.base import MethodBase, module_dims, numpy_rng, register
+from jft.peft.base import MethodBase, module_dims, numpy_rng, register, use_kernel
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -306,17 +306,33 @@ class S2FT(MethodBase):
                                               value)
                            for name, value in delta["layers"].items()}}
 
+    def linear(self, module, x, weight, equation, delta, delta_layer, layer, config):
+        if not _fused(module, delta_layer, layer, config):
+            return None
+        from jft.pallas_kernels.s2ft_linear import s2ft_input_side, s2ft_output_side
+
+        dims_in, dims_out = module_dims(layer.config, module)
+        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
+        lead = x.shape[:x.ndim - len(dims_in)]
+        # Units are contiguous in the flattened layouts: a head's H features, a channel.
+        x, weight = x.reshape(*lead, size_in), weight.reshape(size_in, size_out)
+        block = _masked_block(module, delta_layer, layer.config, x.dtype)
+        # `pallas` forces the fused backward; under `auto` the kernel fuses only blocks
+        # narrow enough for the fusion to pay (pallas_kernels/s2ft_linear.py).
+        fuse = True if layer.config.kernels == "pallas" else None
+        if module in INPUT_SIDE:
+            y = s2ft_input_side(x, weight, block.reshape(-1, size_out), fuse=fuse)
+        else:
+            y = s2ft_output_side(x, weight, block.reshape(size_in, -1), fuse=fuse)
+        return y.reshape(*lead, *dims_out)
+
     def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
-        if module not in delta_layer:
+        if module not in delta_layer or _fused(module, delta_layer, layer, config):
             return y
         model = layer.config
-        block = delta_layer[module]
-        group = delta_layer[_group_of(module)]
+        block = _masked_block(module, delta_layer, model, x.dtype)
         slots = block.shape[_unit_axis(module) - 1]
-        mask = _slot_mask(group["count"], module, model, _capacity(module, slots, model),
-                          block.ndim, stacked=False)
-        block = (block * mask).astype(x.dtype)
-        where = _slot_index(group, module, model, config)
+        where = _slot_index(delta_layer[_group_of(module)], module, model, config)
         if module in INPUT_SIDE:  # y += x[..., units] B
             unit_axis = x.ndim - (2 if module == "o_proj" else 1)
             picked = (jax.lax.slice_in_dim(x, 0, slots, axis=unit_axis) if where is None
@@ -359,6 +375,22 @@ class S2FT(MethodBase):
         return {"layers": {name: jax.tree.map(lambda x: (None,) * x.ndim, value)
                            if name in ("attention", "mlp") else PARAM_AXES[name]
                            for name, value in delta["layers"].items()}}
+
+
+def _fused(module, delta_layer, layer, config) -> bool:
+    """Whether this module's block runs in the fused kernel (`kernels`): the permuted
+    layout only, whose block covers the first slots."""
+    return (module in delta_layer and config.layout == "permuted"
+            and use_kernel("s2ft_linear", layer.config))
+
+
+def _masked_block(module, delta_layer, model, dtype):
+    """This layer's block, zero on the slots of units it did not select."""
+    block = delta_layer[module]
+    slots = block.shape[_unit_axis(module) - 1]
+    mask = _slot_mask(delta_layer[_group_of(module)]["count"], module, model,
+                      _capacity(module, slots, model), block.ndim, stacked=False)
+    return (block * mask).astype(dtype)
 
 
 def _block_shape(model, module, capacity):
