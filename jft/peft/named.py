@@ -2,9 +2,11 @@
 
 `AdapterSet` keeps adapters by name (add, select, disable, delete); what it hands the
 forward pass is `active()`. `forward_per_row` runs one batch in which row i uses adapter
-`ids[i]` (-1: the bare base): the deltas are stacked into a bank, gathered per row, and
-the forward pass is vmapped over rows with the base shared, so there is no Python loop
-over rows and one compile serves any mix of ids.
+`ids[i]` (-1: the bare base), with no Python loop over rows and one compile for any mix
+of ids. A bank of plain LoRA adapters runs as one forward over the whole batch, each
+linear adding every row's own low-rank delta (`lora_bank`, S-LoRA / Punica style, with
+the multi-LoRA kernels when `kernels` selects them). Any other bank is stacked, gathered
+per row, and the forward pass vmapped over rows with the base shared.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jft.errors import JftError
 from jft.models import ModelConfig, forward
 from jft.peft.base import Adapter
+from jft.peft.lora_bank import forward_lora_bank, is_lora_bank
 
 
 class AdapterSet:
@@ -79,12 +82,22 @@ def forward_per_row(
 ) -> jax.Array:
     """Logits [B, T, V] where row i uses `bank[adapter_ids[i]]`, or the base for id -1.
 
-    Every entry of `bank` must stack the same methods with the same configs and shapes
-    (one LoRA per tenant, say); -1 uses each method's identity delta.
+    A bank whose every entry is one plain LoRA adapter (rsLoRA too, not DoRA) may mix
+    ranks, alphas and targets. Otherwise every entry must stack the same methods with the
+    same configs and shapes (one DoRA per tenant, say); -1 uses each method's identity
+    delta.
     """
     entries = [tuple(entry) for entry in bank]
     if not entries:
         raise JftError("forward_per_row needs at least one adapter in the bank")
+    if is_lora_bank(entries):
+        return forward_lora_bank(config, params, tokens, adapter_ids,
+                                 [entry[0] for entry in entries], segment_ids)
+    return _forward_per_row_vmapped(config, params, tokens, adapter_ids, entries, segment_ids)
+
+
+def _forward_per_row_vmapped(config, params, tokens, adapter_ids, entries, segment_ids=None):
+    """`forward_per_row` for any bank: the forward pass vmapped over rows."""
     template = entries[0]
     for entry in entries[1:]:
         if [(a.method, a.config) for a in entry] != [(a.method, a.config) for a in template]:
