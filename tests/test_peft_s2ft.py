@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.ad_checkpoint
@@ -364,63 +360,3 @@ def test_gradient_accumulation_equals_one_big_batch(params):
     for module in s2ft.ATTENTION + s2ft.MLP:
         assert np.abs(results[0][module]).sum() > 0
         np.testing.assert_allclose(results[1][module], results[0][module], atol=1e-6)
-
-
-SHARDED = textwrap.dedent(
-    """
-    import jax, jax.numpy as jnp, numpy as np, optax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jft.models import ModelConfig, RopeConfig, init_params, param_axes
-    from jft.peft import create
-    from jft.peft.optim import masked_optimizer
-    from jft.sharding import LogicalRules, use_rules
-    from jft.train_step import init_state, train_step
-
-    config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,
-                         rope=RopeConfig(), layer_types=("full", "full"), dtype="float32")
-    params = init_params(config, jax.random.key(0), std=0.2)
-    base, adapter = create("s2ft", jax.random.key(1), params, config, attention_ratio=0.5,
-                           attention_modules=["v_proj", "o_proj"], mlp_ratio=0.25,
-                           mlp_modules=["up_proj", "down_proj"])
-    tokens = np.asarray(jax.random.randint(jax.random.key(2), (4, 12), 0, 64))
-    batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones((4, 12), jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(12), (4, 12)),
-             "loss_mask": jnp.ones((4, 12), bool)}
-    optimizer = masked_optimizer(optax.sgd(0.5), [adapter])
-
-    def steps(base, batch):
-        state = init_state([adapter], optimizer, 0)
-        for _ in range(2):
-            state, metrics = train_step(config, optimizer, state, base, batch)
-        return state.adapters[0].delta["layers"], float(metrics["loss"])
-
-    expected, expected_loss = steps(base, batch)
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-    rules = LogicalRules(mesh, (("batch", ("data", "fsdp")), ("embed", "fsdp"),
-                                ("heads", "tensor"), ("kv_heads", "tensor"),
-                                ("mlp", "tensor"), ("vocab", "tensor")))
-    shardings = jax.tree.map(lambda axes, x: rules.sharding(axes, x.shape),
-                             param_axes(base), base, is_leaf=lambda x: isinstance(x, tuple))
-    sharded = jax.device_put(base, shardings)
-    assert sharded["layers"]["down_proj"].sharding.spec == P(None, "tensor", "fsdp")
-    batch = jax.device_put(batch, NamedSharding(mesh, P(("data", "fsdp"))))
-    with use_rules(rules):
-        got, loss = steps(sharded, batch)
-    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
-    for name in ("v_proj", "o_proj", "up_proj", "down_proj"):
-        assert np.abs(np.asarray(expected[name])).sum() > 0
-        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(expected[name]),
-                                   atol=1e-5)
-    print("ok")
-    """
-)
-
-
-def test_training_under_sharding_equals_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "ok"
