@@ -179,7 +179,8 @@ class Lora(MethodBase):
         entry = delta_layer[module]
         a, b = entry["a"].astype(x.dtype), entry["b"].astype(x.dtype)
         scale = jnp.asarray(p.scales, x.dtype)[layer.index]
-        if config.dropout and layer.rng is not None:
+        dropout = bool(config.dropout and layer.rng is not None)
+        if dropout:
             key = jax.random.fold_in(layer.rng, LINEAR_MODULES.index(module))
             keep = jax.random.bernoulli(key, 1.0 - config.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
@@ -195,7 +196,11 @@ class Lora(MethodBase):
         ratio = (entry["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
         # Untargeted layers (layers_to_transform) keep W as is, as merge does.
         ratio = jnp.where(jnp.asarray([r > 0 for r in p.ranks])[layer.index], ratio, 1)
-        base = jnp.einsum(_einsum_base(module), x, weight)
+        if dropout or len(layer.pairs) > 1:
+            # PEFT rescales x W of the dropped-out x; another adapter may have edited y.
+            base = jnp.einsum(_einsum_base(module), x, weight)
+        else:  # y is x W (+ bias): reusing it spares a weight-sized matmul and its gradient
+            base = y if bias is None else y - bias
         return y + (ratio - 1) * base + ratio * lora
 
     def init_with_config(self, key, base, model, config, calibration_batches=None):
