@@ -7,6 +7,17 @@ import pytest
 from jft.checkpoint import load_checkpoint
 from tests.hf_reference import save_hf_model
 
+# The slowest files first. Two xdist workers take a file each (pyproject's addopts), and
+# a slow file handed out last would keep one worker busy long after the other is done.
+SLOW_FIRST = ("test_sharding.py", "test_train_cli.py", "test_export.py", "test_bundled_models.py",
+              "test_delta_axes.py", "test_notebooks.py", "test_sharded_loading.py",
+              "test_lora_inits.py", "test_peft_lora.py", "test_peft_lisa_hft.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

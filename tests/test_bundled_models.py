@@ -59,8 +59,7 @@ def test_logits_match_transformers_gguf_loading(models):
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
 def test_greedy_20_tokens_match_transformers(models, chat):
     ours, hf_model, hf_tokenizer = models
-    prompts = ["The capital of France is", "Write a haiku about the sea."]
-    for prompt in prompts:
+    for prompt in ["Write a haiku about the sea." if chat else "The capital of France is"]:
         if chat:
             messages = [{"role": "user", "content": prompt}]
             ids = hf_tokenizer.apply_chat_template(

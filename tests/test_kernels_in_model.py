@@ -20,9 +20,9 @@ MODEL = ModelConfig(
     dtype="float32",
 )
 METHODS = {
-    # [N, H] -> D and D -> F layouts, a padded rank; D -> [N, H] under rsLoRA.
-    "lora": {"r": 4, "alpha": 8, "targets": ["o_proj", "up_proj"], "rank_pattern": {"o_proj": 2}},
-    "rslora": {"r": 4, "alpha": 8, "rslora": True, "targets": ["q_proj"]},
+    # [N, H] -> D, D -> [N, H] and D -> F layouts, a padded rank, rsLoRA's scale.
+    "lora": {"r": 4, "alpha": 8, "rslora": True, "targets": ["q_proj", "o_proj", "up_proj"],
+             "rank_pattern": {"o_proj": 2}},
     "s2ft": {"attention_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
              "attention_count": 1, "mlp_modules": ["gate_proj", "up_proj", "down_proj"],
              "mlp_ratio": 0.25, "scope": "layer"},
@@ -40,8 +40,7 @@ def _batch():
 @pytest.mark.parametrize("method", list(METHODS))
 def test_pallas_kernels_give_the_xla_paths_loss_and_gradients(method):
     params = init_params(MODEL, jax.random.key(0), std=0.2)
-    name = "lora" if "lora" in method else method
-    base, adapter = create(name, jax.random.key(1), params, MODEL, **METHODS[method])
+    base, adapter = create(method, jax.random.key(1), params, MODEL, **METHODS[method])
     # Non-zero trainable deltas, so that every gradient path carries signal.
     trainable, frozen = partition([adapter])
     trainable = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size)).reshape(x.shape),
