@@ -731,13 +731,6 @@ def find_max_seq(runner: Runner, args, framework: str, method: str, shape: str, 
     return record
 
 
-def write_json(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(records, indent=1) + "\n")
-    partial.replace(path)
-
-
 def print_table(records: list[dict]) -> None:
     """Step time and memory per case, then jft's ratios to each PyTorch framework."""
     print(f"\n{'shape':<13} {'seq':>5} {'method':<6} {'framework':<13} {'ms/step':>9} "
@@ -833,14 +826,14 @@ def main(argv: list[str]) -> int:
                     print(f"  longest that fits: {record['max_seq']} (first out of memory: "
                           f"{record['oom_seq']})", flush=True)
                     records.append(record)
-                    write_json(args.json, records)
+                    methods.write_json(args.json, records)
                     continue
                 for seq in args.seq:
                     case = case_for(args, framework, method, shape, seq, dtype)
                     record = complete(case, runner.run(case), machine)
                     print(describe(record), flush=True)
                     records.append(record)
-                    write_json(args.json, records)
+                    methods.write_json(args.json, records)
     if not args.find_max_seq:
         print_table(records)
     print(f"\nwrote {args.json}")

@@ -62,3 +62,15 @@ def pallas_supported(target: str | None = None) -> bool:
     """Whether Pallas kernels can be compiled (not interpreted) for `target`."""
     target = target or platform()
     return target == "tpu" or (target == "gpu" and pltriton is not None)
+
+
+def tpu_tile(dim: int, preferred: int) -> int:
+    """The largest multiple of 128 <= `preferred` dividing `dim`, else all of `dim`: a
+    legal TPU block dim (Mosaic's rule) that never straddles the array's edge, so
+    nothing needs masking or padding."""
+    if dim % TPU_LANES:
+        return dim
+    tile = max(TPU_LANES, min(preferred, dim) // TPU_LANES * TPU_LANES)
+    while dim % tile:
+        tile -= TPU_LANES
+    return tile

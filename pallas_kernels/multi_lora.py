@@ -74,7 +74,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jft.pallas_kernels import compat
-from jft.pallas_kernels.compat import TPU_LANES, TPU_SUBLANES, TRITON_MIN_DOT, pltriton
+from jft.pallas_kernels.compat import (
+    TPU_SUBLANES,
+    TRITON_MIN_DOT,
+    pltriton,
+    tpu_tile,
+)
 
 _F32 = jnp.float32
 
@@ -158,19 +163,6 @@ def _resolve_target(target):
     # On CPU only interpret mode runs; it executes the TPU bodies by default.
     return "tpu" if target == "cpu" else target
 
-
-def _tpu_tile(dim, preferred):
-    """The largest multiple of 128 <= `preferred` that divides `dim`, else all of `dim`.
-
-    A TPU block's last dim must be a multiple of 128 or the whole array dim; choosing a
-    divisor means no block straddles the edge, so nothing needs masking or padding.
-    """
-    if dim % TPU_LANES:
-        return dim
-    tile = max(TPU_LANES, min(preferred, dim) // TPU_LANES * TPU_LANES)
-    while dim % tile:
-        tile -= TPU_LANES
-    return tile
 
 
 def _check_tpu_rows(block_m):
@@ -389,8 +381,8 @@ def grouped_lora(x, group_sizes, a, b, scales, *, interpret=None, target=None, b
                             block_k=_check_gpu_tile("block_k", block_k or 64),
                             block_n=_check_gpu_tile("block_n", block_n or 128))
     return _grouped_tpu(x, tables, a, b, scales, interpret=interpret, block_m=block_m,
-                        block_k=_tpu_tile(x.shape[1], block_k or 512),
-                        block_n=_tpu_tile(b.shape[2], block_n or 512))
+                        block_k=tpu_tile(x.shape[1], block_k or 512),
+                        block_n=tpu_tile(b.shape[2], block_n or 512))
 
 
 def _visit_state(offsets_ref, groups_ref, blocks_ref, visit, num_adapters, block_m, shape):

@@ -68,7 +68,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jft.pallas_kernels import compat
-from jft.pallas_kernels.compat import TPU_LANES, TPU_SUBLANES, TRITON_MIN_DOT, pltriton
+from jft.pallas_kernels.compat import (
+    TPU_SUBLANES,
+    TRITON_MIN_DOT,
+    pltriton,
+    tpu_tile,
+)
 
 _F32 = jnp.float32
 _DEFAULT_BLOCKS = {"tpu": (512, 512, 512), "gpu": (64, 64, 64)}  # block_m, block_k, block_n
@@ -221,16 +226,6 @@ _output_side.defvjp(_output_side_fwd, _output_side_bwd)
 # ---------------------------------------------------------------- shared helpers
 
 
-def _tpu_tile(dim, preferred):
-    """The largest multiple of 128 <= `preferred` dividing `dim`, else all of `dim`: a
-    legal TPU block dim that never straddles the array's edge."""
-    if dim % TPU_LANES:
-        return dim
-    tile = max(TPU_LANES, min(preferred, dim) // TPU_LANES * TPU_LANES)
-    while dim % tile:
-        tile -= TPU_LANES
-    return tile
-
 
 def _rows_zeroed(value, first_row, m):
     """`value` [rows, ...] with the rows at and past M zeroed (select in f32: the VPU of
@@ -263,7 +258,7 @@ def _input_side_tpu(dy, w, block, x_c, plan):
     m, n = dy.shape
     k, c = w.shape[0], block.shape[0]
     block_m = plan.block_m
-    block_k, block_n = _tpu_tile(k, plan.block_k), _tpu_tile(n, plan.block_n)
+    block_k, block_n = tpu_tile(k, plan.block_k), tpu_tile(n, plan.block_n)
     m_blocks, k_tiles, n_tiles = pl.cdiv(m, block_m), k // block_k, n // block_n
     block_tiles = pl.cdiv(c, block_k)  # the K tiles holding the block's rows
     padded_c = block_tiles * block_k
@@ -398,7 +393,7 @@ def _output_side_tpu(dy, w, block, x, plan):
     m, n = dy.shape
     k, c = block.shape
     block_m = plan.block_m
-    block_k, block_n = _tpu_tile(k, plan.block_k), _tpu_tile(n, plan.block_n)
+    block_k, block_n = tpu_tile(k, plan.block_k), tpu_tile(n, plan.block_n)
     m_blocks, k_tiles, n_tiles = pl.cdiv(m, block_m), k // block_k, n // block_n
     block_tiles = pl.cdiv(c, block_n)  # the N tiles holding the block's columns
     padded_c = block_tiles * block_n
