@@ -1,6 +1,9 @@
 """jft: fine-tune Llama, Qwen and Gemma models in pure JAX."""
 
+from jft import _checkout
 from jft.errors import JftError
+
+_checkout.map_sibling_packages(__path__[0])
 
 __version__ = "0.1.0"
 __all__ = ["JftError", "load"]

@@ -26,3 +26,11 @@ def llama(tmp_path_factory):
     hf_model = save_hf_model("llama", directory)
     checkpoint = load_checkpoint(directory, dtype="float32")
     return hf_model, checkpoint.config.replace(dtype="float32"), checkpoint.params
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """jft's wheel, built from this checkout and installed non-editable on its own."""
+    from tests.isolated_install import build_and_install
+
+    return build_and_install(tmp_path_factory.mktemp("wheel"))
