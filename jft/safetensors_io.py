@@ -72,7 +72,8 @@ class SafetensorsFile:
             file.seek(info.start + start * row_items * info.dtype.itemsize)
             for first in range(0, stop - start, step):
                 chunk = np.empty((min(step, stop - start - first), *shape[1:]), info.dtype)
-                if file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                # Through a uint8 view: numpy exports no buffer for ml_dtypes' bfloat16.
+                if file.readinto(chunk.reshape(-1).view(np.uint8)) != chunk.nbytes:
                     raise JftError(f"{self.path}: tensor {name!r} is truncated")
                 if columns is not None:
                     chunk = chunk[..., columns[0]:columns[1]]
