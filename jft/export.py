@@ -76,10 +76,12 @@ def main(argv: list[str]) -> int:
         write_gguf_file(model.config, merged_params(model), model.tokenizer,
                         partial / "model.gguf", args.quant)
     elif args.format == "peft":
+        from jft.bundled import HUB_IDS
         from jft.peft_format import save_peft_adapter
 
         partial.mkdir(parents=True)
-        save_peft_adapter(model.adapters[0], model.config, partial, str(model_name))
+        save_peft_adapter(model.adapters[0], model.config, partial,
+                          HUB_IDS.get(str(model_name), str(model_name)))
     else:
         from jft.adapter_format import save_jft_adapter
 

@@ -79,3 +79,43 @@ def test_generate_cli_answers_the_capital_of_france():
         capture_output=True, text=True, check=True,
     )
     assert out.stdout == "The capital of France is Paris.\n"
+
+
+def test_peft_export_names_the_hub_id_and_loads_over_the_gguf_base_offline(tmp_path):
+    """docs/export.md's recipe: PEFT over transformers' GGUF loading, with no hub access."""
+    import json
+    import os
+
+    import jax
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jft.adapter_format import save_jft_adapter
+    from jft.peft import Adapter, create
+
+    name = "smollm2-135m-instruct"
+    model = jft.load(name, dtype="float32", compute_dtype="float32")
+    _, adapter = create("lora", jax.random.key(0), model.params, model.config, r=4,
+                        targets=["q_proj", "down_proj"])
+    delta = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape),
+                         adapter.delta)  # B is zero at init: make the adapter visible
+    (tmp_path / "jft").mkdir()
+    save_jft_adapter(Adapter(delta, "lora", adapter.config), model.config, tmp_path / "jft",
+                     name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "jft.export", "--model", name, "--adapter",
+                    str(tmp_path / "jft"), "--out", str(tmp_path / "peft"), "--format", "peft"],
+                   check=True, capture_output=True, env=env)
+    config = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    path = bundled_path(name)
+    base = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32)
+    hf = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ours = jft.load(name, dtype="float32", compute_dtype="float32", adapter=tmp_path / "jft")
+    ids = ours.tokenizer.encode(PROMPTS[0])
+    with torch.no_grad():
+        reference = hf(torch.tensor([ids])).logits.numpy()
+    assert np.abs(reference - np.asarray(model.logits(ids))).max() > 0.01  # the adapter acts
+    np.testing.assert_allclose(np.asarray(ours.logits(ids)), reference, atol=1e-3, rtol=0)
