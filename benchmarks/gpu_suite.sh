@@ -35,7 +35,7 @@
 #      lora, dora                                                                   ~8
 #   9  torch.compile: llama-1b full, dora; llama-8b dora                            ~8
 #  10  torch.compile: llama-8b LoRA, seq 512 1024 2048 4096 8192                    ~9
-#  11  the Pallas kernels (issue 9): the GPU-only kernel tests, then
+#  11  the Pallas kernels: the GPU-only kernel tests, then
 #      benchmarks/kernels.py at Llama-3-8B shapes (kernels_<device>_<date>.json)    ~6
 set -euo pipefail
 
