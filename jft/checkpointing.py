@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,12 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, meta: dict[str, Any], delta: Any):
+    def save(self, step: int, state: TrainState, meta: dict[str, Any]):
         """Starts an asynchronous save. `meta` (JSON) holds the data position, the method
-        and its options; `delta` is the adapter again as a plain tree, which
-        `load_adapter` reads back without rebuilding the training state."""
+        and its options. The adapter is saved once, inside the state: `load_adapter`
+        restores just its leaves from there."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_flatten(state)), meta=ocp.args.JsonSave(meta),
-            adapter=ocp.args.StandardSave(delta),
-        ))
+            state=ocp.args.StandardSave(_flatten(state)), meta=ocp.args.JsonSave(meta)))
 
     def restore(self, template: TrainState, step: int | None = None
                 ) -> tuple[TrainState, dict[str, Any]]:
@@ -87,7 +86,7 @@ def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
     if not directory.is_dir():
         raise JftError(f"{run_dir}: no checkpoints/ folder; give a jft run directory")
     manager = ocp.CheckpointManager(directory, item_handlers={
-        "state": ocp.StandardCheckpointHandler(), "adapter": ocp.StandardCheckpointHandler(),
+        "state": ocp.PyTreeCheckpointHandler(), "adapter": ocp.StandardCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
     if step is None:
         step = manager.latest_step()
@@ -102,8 +101,14 @@ def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
     config = make_config(meta["method"], meta["options"])
     impl = get_method(meta["method"])
     # Shapes only: the mesh the run trained on need not exist here.
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                            manager.item_metadata(step).adapter.tree)
+    stored = manager.item_metadata(step)
+    separate = "adapter" in stored.keys()  # runs saved before the state held the only copy
+    if separate:
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                stored.adapter.tree)
+    else:
+        abstract = _stored_delta({k: jax.ShapeDtypeStruct(m.shape, m.dtype)
+                                  for k, m in stored.state.items()})
     if rules is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
@@ -111,11 +116,50 @@ def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
         shardings = tree_shardings(rules, abstract, impl.delta_axes(abstract, model, config))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    delta = manager.restore(step, args=ocp.args.Composite(
-        adapter=ocp.args.StandardRestore(target))).adapter
+    if separate:
+        delta = manager.restore(step, args=ocp.args.Composite(
+            adapter=ocp.args.StandardRestore(target))).adapter
+    else:  # only the delta's leaves of the state: not the optimiser moments
+        flat = _delta_paths(target)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=flat, restore_args=jax.tree.map(
+                lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), flat),
+            partial_restore=True))).state
+        delta = jax.tree.map(lambda path: restored[path], _delta_paths(abstract, as_path=True))
     manager.close()
     delta, config = impl.split(delta, model, config)
     return impl.rebase(base, delta, model, config), [Adapter(delta, meta["method"], config)]
+
+
+# The first adapter's delta inside a flattened TrainState: `_flatten`'s key paths start so.
+_DELTA_PREFIX = ".adapters[0].delta"
+_KEY = re.compile(r"\['([^']*)'\]")
+
+
+def _stored_delta(flat: dict[str, Any]) -> dict:
+    """The nested delta tree of a flattened state's first adapter."""
+    delta: dict = {}
+    for path, leaf in flat.items():
+        if not path.startswith(_DELTA_PREFIX):
+            continue
+        *parents, name = _KEY.findall(path[len(_DELTA_PREFIX):])
+        node = delta
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = leaf
+    return delta
+
+
+def _delta_paths(delta, as_path: bool = False):
+    """{flattened-state key path: leaf} of a delta tree, or (`as_path`) the tree of paths."""
+    def path_of(path, _):
+        return _DELTA_PREFIX + jax.tree_util.keystr(path)
+
+    paths = jax.tree_util.tree_map_with_path(path_of, delta)
+    if as_path:
+        return paths
+    return {p: leaf for p, leaf in zip(jax.tree.leaves(paths), jax.tree.leaves(delta),
+                                       strict=True)}
 
 
 def _flatten(state: TrainState) -> dict[str, jax.Array]:

@@ -184,7 +184,7 @@ class Run:
             "model": self.config.model, "method": adapter.method,
             "options": config_to_options(adapter.config),
             "architecture": architecture(self.model_config),
-        }, adapter.delta)
+        })
 
     # ------------------------------------------------------------------ the loop
 
