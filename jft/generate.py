@@ -25,15 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt as one user turn with the model's chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 switches top-k off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 switches top-p off")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", help="params dtype: auto, float32, bfloat16")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="most tokens to generate (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="0 switches top-k off (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="1.0 switches top-p off (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", help="params dtype: float32, bfloat16, or "
+                        "auto, float32 on CPU and bfloat16 on GPU/TPU (default: %(default)s)")
     parser.add_argument("--adapter", help="a jft.train run directory (its latest adapter), a "
                         "PEFT adapter or a jft adapter directory")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # run_cli takes --debug out of argv before parsing; it is here to be listed in --help.
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 

@@ -1,5 +1,5 @@
-"""What a run writes: its directory, resolved config, metrics.jsonl, TensorBoard events,
-the loss-curve PNG, and the throughput figures (tokens/s, honest MFU)."""
+"""What a run writes: its directory, resolved config, metrics.jsonl, the eval generations,
+TensorBoard events, the loss-curve PNG, and the throughput figures (tokens/s, honest MFU)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from jft.models import ModelConfig
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+EVAL_BEFORE_FILE = "eval_before.json"
+GENERATIONS_FILE = "eval_generations.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (no sparsity).
 _PEAK_FLOPS = {
@@ -68,20 +71,18 @@ def free_name(directory: Path) -> Path:
 
 
 class MetricsLog:
-    """metrics.jsonl (one object per logged step) plus TensorBoard events."""
+    """metrics.jsonl (one object per logged step), eval_generations.jsonl (one object per
+    exact-match example per evaluation) and TensorBoard events."""
 
     def __init__(self, directory: Path, resume_step: int):
         self.path = directory / METRICS_FILE
-        if self.path.exists():  # drop what was logged after the restored checkpoint
-            kept = [line for line in self._lines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(kept))
+        self.generations_path = directory / GENERATIONS_FILE
+        for path in (self.path, self.generations_path):
+            _keep_until(path, resume_step)
         self.file = open(self.path, "a")
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(directory / "tensorboard"))
-
-    def _lines(self) -> list[str]:
-        return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
 
     def write(self, record: dict[str, Any]):
         self.file.write(json.dumps(record) + "\n")
@@ -90,33 +91,63 @@ class MetricsLog:
             if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, record["step"])
 
+    def write_generations(self, step: int, rows: list[dict[str, Any]]):
+        """Appends one evaluation's generations (prompt, reference, generated, match), so the
+        file shows the answers before training (step 0) and at every evaluation after."""
+        with open(self.generations_path, "a") as file:
+            file.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self._lines()]
+        return _read_lines(self.path)
 
     def close(self):
         self.file.close()
         self.writer.close()
 
 
-def write_loss_curve(records: list[dict], path: Path):
+def _read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _keep_until(path: Path, step: int):
+    """Drops the lines logged after `step`, which the resumed run logs again (all of them
+    when it starts over from step 0, as its before-training evaluation runs again)."""
+    if path.exists():
+        kept = [record for record in _read_lines(path) if step and record["step"] <= step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def loss_curve_series(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's (step, loss) lines: train loss, and eval loss from its before-training
+    value at step 0 on."""
+    records = _read_lines(directory / METRICS_FILE)
+    before = directory / EVAL_BEFORE_FILE
+    if before.exists():
+        records.insert(0, {"step": 0, **json.loads(before.read_text())})
+    return {"train loss": [(r["step"], r["loss"]) for r in records if "loss" in r],
+            "eval loss": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]}
+
+
+def write_loss_curve(directory: Path) -> Path:
+    """loss_curve.png of the run in `directory`, from its metrics.jsonl and eval_before.json."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if train:
-        axis.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        axis.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    for (label, points), style in zip(loss_curve_series(directory).items(), ("-", "o-"),
+                                      strict=True):
+        if points:
+            axis.plot(*zip(*points, strict=True), style, label=label)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.legend()
     figure.tight_layout()
+    path = directory / LOSS_CURVE_FILE
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return path
 
 
 def flops_per_token(model: ModelConfig, full_backward: bool, trainable: int,
@@ -144,21 +175,35 @@ def peak_flops() -> float | None:
 
 
 class Throughput:
-    """Tokens/s and MFU over the interval since the last call."""
+    """Tokens/s and MFU over the interval since the last measurement, and the average over
+    every measured interval (the run's summary). Compiling and evaluating fall outside:
+    `restart` discards the interval they happened in."""
 
     def __init__(self, flops_per_token: float):
         self.flops_per_token = flops_per_token
         self.peak = peak_flops()
         self.start = time.perf_counter()
+        self.tokens = 0  # in the current interval
+        self.total_tokens, self.total_seconds = 0, 0.0
+
+    def count(self, tokens: int):
+        self.tokens += tokens
 
     def restart(self):
-        self.start = time.perf_counter()
+        self.start, self.tokens = time.perf_counter(), 0
 
-    def measure(self, tokens: int) -> dict[str, float]:
+    def measure(self) -> dict[str, float]:
         now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
-        rate = tokens / max(elapsed, 1e-9)
+        elapsed = now - self.start
+        rate = self.tokens / max(elapsed, 1e-9)
+        self.total_tokens += self.tokens
+        self.total_seconds += elapsed
+        self.start, self.tokens = now, 0
         out = {"tokens_per_s": rate}
         if self.peak:
             out["mfu"] = rate * self.flops_per_token / self.peak
         return out
+
+    def average(self) -> float | None:
+        """Tokens/s over every measured interval; None before the first."""
+        return self.total_tokens / self.total_seconds if self.total_seconds else None

@@ -1,22 +1,32 @@
 """`python -m jft.train CONFIG.yaml [key.sub=value ...] [--overwrite]`: fine-tune a model.
 
-The run directory gets the resolved config, metrics.jsonl, TensorBoard events, the
-checkpoints and, at the end, loss_curve.png. A run whose directory holds a checkpoint of
-the same config resumes from it, exactly: the deltas, optimiser state, data position and
-RNG all come back. SIGTERM and SIGINT save a checkpoint before exiting.
+The run directory gets the resolved config, metrics.jsonl, eval_generations.jsonl,
+TensorBoard events, the checkpoints and, at the end, loss_curve.png. A run whose directory
+holds a checkpoint of the same config resumes from it, exactly: the deltas, optimiser
+state, data position and RNG all come back. SIGTERM and SIGINT save a checkpoint before
+exiting.
+
+Console: what the run is doing (loading, compiling, resuming: one line each, with its
+seconds) and the progress bar go to stderr; the metrics (the before-training evaluation,
+a line per logged step where no bar is shown, the final summary) go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
+import os
+import shlex
 import signal
 import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -33,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--overwrite", action="store_true",
                         help="move an existing run in output_dir aside and start fresh")
+    # run_cli takes --debug out of argv before parsing; it is here to be listed in --help.
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     cluster = parser.add_argument_group(
         "multi-host", "without these, JAX detects the cluster (TPU pod slice, SLURM, Open MPI, "
         "Kubernetes) or runs as one process; see docs/pods.md")
@@ -54,6 +66,9 @@ def main(argv: list[str]) -> int:
     # Before anything touches a device: the runtime must know every host's devices.
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" bars would cut status lines
     if not is_main_process():  # one copy of each warning, from process 0
         warnings.simplefilter("ignore")
     run = Run(load_config(config, overrides), overwrite=args.overwrite)
@@ -76,13 +91,13 @@ class Run:
     def __init__(self, config, overwrite: bool = False):
         import jft
         from jft.checkpointing import RunCheckpoints, base_fingerprint
-        from jft.data import DataConfig, make_batcher
+        from jft.data import DataConfig
         from jft.run_outputs import prepare_run_dir
         from jft.sharding import make_rules
         from jft.sharding.distributed import barrier, from_main, is_main_process
-        from jft.sharding.placement import bytes_per_device, put, total_bytes
-        from jft.train_step import ShardedSteps
+        from jft.sharding.placement import bytes_per_device, total_bytes
 
+        self.started = time.perf_counter()
         self.config = config
         self.directory = Path(config.output_dir)
         self.is_main = is_main_process()
@@ -93,24 +108,17 @@ class Run:
                                        config.fingerprint(), overwrite)
         barrier("jft: run directory")
         resuming = from_main(resuming)
-        model = jft.load(config.model, dtype=config.model_dtype,
-                         compute_dtype=config.compute_dtype, rules=self.rules)
+        with self._status(f"loading model {config.model}"):
+            model = jft.load(config.model, dtype=config.model_dtype,
+                             compute_dtype=config.compute_dtype, rules=self.rules)
+            self.base_hash = base_fingerprint(model.params)
         self.model = model
         self.model_config = model.config.replace(remat=config.remat, kernels=config.kernels)
         self.data_config = DataConfig(**dataclasses.asdict(config.data))
-        train = config.train
-        self.batcher = make_batcher(self.data_config, model.tokenizer, train.batch_size,
-                                    train.seed)
-        self.base_hash = base_fingerprint(model.params)
-        base, adapter = self._create_adapter()
-        self.optimizer = self._optimizer(adapter)
-        self.steps = ShardedSteps(self.model_config, self.optimizer, self.rules, base,
-                                  [adapter], train.seed)
-        self.base = put(base, self.steps.params)
-        self.state = self.steps.initial_state
-        # Only the state's copy of the delta lives on: LISA and HFT park the base's layer
-        # weights in it, and holding the originals too would double them.
-        model.params = base = adapter = None
+        with self._status("reading and tokenizing data"):
+            self._read_data()
+        with self._status(f"creating the {config.method.name} adapter"):
+            self._set_up_training()
         if self.is_main:
             held = bytes_per_device(self.base)
             print(f"mesh {dict(self.rules.mesh.shape)}: base {total_bytes(self.base) / 2**20:.1f}"
@@ -118,18 +126,48 @@ class Run:
                   file=sys.stderr)
         self.checkpoints = RunCheckpoints(self.directory / "checkpoints", config.checkpoint.keep)
         self.start_step = 0
-        if resuming and self.checkpoints.latest_step() is not None:
-            self._restore()
+        latest = self.checkpoints.latest_step()
+        if resuming and latest is not None:
+            checkpoint = self.directory / "checkpoints" / str(latest)
+            with self._status(f"resuming from step {latest} (checkpoint {checkpoint})"):
+                self._restore()
         self.last_saved = self.start_step if self.start_step else None
+
+    def _status(self, doing: str) -> contextlib.AbstractContextManager:
+        return _status_line(doing) if self.is_main else contextlib.nullcontext()
+
+    def _read_data(self):
+        """The training batcher, the eval batches and the exact-match examples, read once."""
+        from jft.data import make_batcher
+
+        config, tokenizer = self.config, self.model.tokenizer
+        self.batcher = make_batcher(self.data_config, tokenizer, config.train.batch_size,
+                                    config.train.seed)
         self.eval_batches = None
         if config.data.eval and config.eval.every:
             self.eval_batches = list(make_batcher(
-                self.data_config, model.tokenizer, config.eval.batch_size or train.batch_size,
+                self.data_config, tokenizer, config.eval.batch_size or config.train.batch_size,
                 split="eval",
             ))
-        if config.eval.generate:  # read and tokenized once, not at every evaluation
-            self.eval_references = _eval_references(model.tokenizer, self.data_config,
-                                                    config.eval)
+        self.eval_examples = []
+        if config.eval.generate:
+            self.eval_examples = _eval_examples(tokenizer, self.data_config, config.eval)
+
+    def _set_up_training(self):
+        """The adapter, its optimiser, the sharded steps and their initial state, and the
+        base placed on the mesh."""
+        from jft.sharding.placement import put
+        from jft.train_step import ShardedSteps
+
+        base, adapter = self._create_adapter()
+        self.optimizer = self._optimizer(adapter)
+        self.steps = ShardedSteps(self.model_config, self.optimizer, self.rules, base,
+                                  [adapter], self.config.train.seed)
+        self.base = put(base, self.steps.params)
+        self.state = self.steps.initial_state
+        # Only the state's copy of the delta lives on: LISA and HFT park the base's layer
+        # weights in it, and holding the originals too would double them.
+        self.model.params = None
 
     def _create_adapter(self):
         from jft.data import make_batcher
@@ -189,7 +227,13 @@ class Run:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
-        from jft.run_outputs import MetricsLog, Throughput, flops_per_token, write_loss_curve
+        from jft.run_outputs import (
+            EVAL_BEFORE_FILE,
+            MetricsLog,
+            Throughput,
+            flops_per_token,
+            write_loss_curve,
+        )
         from jft.sharding.distributed import agree
         from jft.train_step import refresh_state
 
@@ -203,31 +247,29 @@ class Run:
             self.model_config, self.config.method.name == "full", trainable,
             self.data_config.max_length))
         stop, stopped = _StopSignal(), False
-        progress = _Progress(train.steps, self.start_step, quiet=not self.is_main)
+        progress = _Progress(train.steps, quiet=not self.is_main)
         step = self.start_step
-        interval_tokens = 0
         if step == 0 and self.eval_batches is not None:  # the baseline, before any update
-            baseline = self.evaluate()
+            with self._status("evaluating before training"):
+                baseline = self._evaluate(step, log)
             if self.is_main:
-                (self.directory / "eval_before.json").write_text(json.dumps(baseline) + "\n")
+                (self.directory / EVAL_BEFORE_FILE).write_text(json.dumps(baseline) + "\n")
             progress.note("before training: " + _format(baseline))
-            throughput.restart()
         try:
             while step < train.steps and not (stopped := agree(stop.requested)):
-                losses, tokens = [], 0
-                for _ in range(train.grad_accum):
-                    batch = next(self.batcher)
-                    self.state, metrics = self.steps.train(self.state, self.base, batch)
-                    losses.append(float(metrics["loss"]))
-                    tokens += int(np.sum(batch["segment_ids"] != 0))
+                compiling = step == self.start_step  # the first step compiles: not throughput
+                timed = (self._status("compiling the training step") if compiling
+                         else contextlib.nullcontext())
+                with timed:
+                    losses, tokens, metrics = self._update()
                 step += 1
                 if step < train.steps:  # SpIEL regrows, LISA switches layers, HFT re-rounds
                     self.state = self.steps.replace(refresh_state(
                         self.model_config, self.optimizer, self.state, step, train.steps))
-                interval_tokens += tokens
-                if step == self.start_step + 1:  # the first step compiles: not throughput
+                if compiling:
                     throughput.restart()
-                    interval_tokens = 0
+                else:
+                    throughput.count(tokens)
                 if int(self.state.bad_steps) >= train.max_bad_steps:
                     self.save(step)
                     raise JftError(
@@ -243,16 +285,15 @@ class Run:
                               "skipped_steps": int(self.state.skipped),
                               "truncated_examples": self.batcher.counters["truncated"],
                               "dropped_examples": self.batcher.counters["dropped"]}
-                    if interval_tokens:  # none yet right after the compiling first step
-                        record |= throughput.measure(interval_tokens)
-                    interval_tokens = 0
+                    if throughput.tokens:  # none yet right after the compiling first step
+                        record |= throughput.measure()
                 if config.eval.every and step % config.eval.every == 0:
                     record = (record or {"step": step, "loss": float(np.mean(losses))})
-                    record |= self.evaluate()
+                    record |= self._evaluate(step, log)
                     throughput.restart()  # evaluation time is not training throughput
                 if record and log is not None:
                     log.write(record)
-                    progress.update(step, record)
+                progress.advance(step, record)
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
                     self.save(step)
             self.save(step)
@@ -264,47 +305,130 @@ class Run:
                 records = log.records()
                 log.close()
         if records:
-            write_loss_curve(records, self.directory / "loss_curve.png")
+            write_loss_curve(self.directory)
         if stopped and self.is_main:
             print(f"stopped by signal at step {step}; checkpoint saved", file=sys.stderr)
+        if self.is_main:
+            print(self._summary(step, records, throughput.average()), flush=True)
         return 0
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss and perplexity, and exact match when `eval.generate` is set."""
+    def _update(self) -> tuple[list[float], int, dict]:
+        """One optimizer update over `grad_accum` micro-batches: their losses, the tokens
+        trained on (padding aside) and the last micro-batch's metrics."""
+        losses, tokens = [], 0
+        for _ in range(self.config.train.grad_accum):
+            batch = next(self.batcher)
+            self.state, metrics = self.steps.train(self.state, self.base, batch)
+            losses.append(float(metrics["loss"]))
+            tokens += int(np.sum(batch["segment_ids"] != 0))
+        return losses, tokens, metrics
+
+    def _evaluate(self, step: int, log) -> dict[str, float]:
+        """`evaluate`, its generations appended to eval_generations.jsonl."""
+        metrics, generations = self.evaluate()
+        if log is not None and generations:
+            log.write_generations(step, generations)
+        return metrics
+
+    def evaluate(self) -> tuple[dict[str, float], list[dict]]:
+        """Held-out loss and perplexity, and exact match when `eval.generate` is set; with
+        the generation of each exact-match example (empty without `eval.generate`)."""
         total, count = 0.0, 0
         for batch in self.eval_batches:
             loss_sum, targets = self.steps.eval(self.base, self.state.adapters, batch)
             total, count = total + float(loss_sum), count + int(targets)
         loss = total / max(count, 1)
         out = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+        generations = []
         if self.config.eval.generate:
-            out["eval_exact_match"] = self._exact_match()
-        return out
+            out["eval_exact_match"], generations = self._exact_match()
+        return out, generations
 
-    def _exact_match(self) -> float:
-        """The fraction of eval examples whose greedy completion equals the reference."""
+    def _exact_match(self) -> tuple[float, list[dict]]:
+        """The fraction of eval examples whose greedy completion equals the reference, and
+        each example's prompt, reference, generation and whether they match."""
         from jft.data import exact_match
         from jft.generation import generate_tokens
 
         tokenizer = self.model.tokenizer
         generated = generate_tokens(
-            self.model_config, self.base, [ids for ids, _ in self.eval_references],
+            self.model_config, self.base, [example.ids for example in self.eval_examples],
             self.config.eval.max_new_tokens, sorted(set(tokenizer.stop_ids)),
             adapters=self.state.adapters,
         )
-        hits = [exact_match(tokenizer.decode(out), reference)
-                for out, (_, reference) in zip(generated, self.eval_references, strict=True)]
-        return sum(hits) / max(len(hits), 1)
+        rows = []
+        for ids, example in zip(generated, self.eval_examples, strict=True):
+            text = tokenizer.decode(ids)
+            rows.append({"prompt": example.prompt, "reference": example.reference,
+                         "generated": text, "match": exact_match(text, example.reference)})
+        return sum(row["match"] for row in rows) / max(len(rows), 1), rows
+
+    def _summary(self, step: int, records: list[dict], tokens_per_s: float | None) -> str:
+        """The closing block: how far the run got, its final metrics, where its files are,
+        and how to generate with the adapter."""
+        from jft.run_outputs import (
+            EVAL_BEFORE_FILE,
+            GENERATIONS_FILE,
+            LOSS_CURVE_FILE,
+            METRICS_FILE,
+        )
+
+        directory = self.directory
+        head = (f"done: step {step} of {self.config.train.steps} in "
+                f"{_duration(time.perf_counter() - self.started)}")
+        if tokens_per_s:
+            head += f", {tokens_per_s:.0f} tokens/s while training"
+        lines = [head]
+        latest = {}
+        for record in records:  # each metric's last value, eval ones from the last eval
+            latest |= record
+        before = _read_json(directory / EVAL_BEFORE_FILE)
+        for key in ("loss", "eval_loss", "eval_exact_match"):
+            if key in latest:
+                was = f"{before[key]:.4g} before training -> " if key in before else ""
+                lines.append(f"  {key:<18}{was}{latest[key]:.4g}")
+        files = [("adapter", directory / "checkpoints" / str(self.last_saved)),
+                 ("metrics", directory / METRICS_FILE),
+                 ("loss curve", directory / LOSS_CURVE_FILE),
+                 ("TensorBoard logs", directory / "tensorboard"),
+                 ("eval generations", directory / GENERATIONS_FILE)]
+        lines += [f"  {name:<18}{path}" for name, path in files if path.exists()]
+        lines.append("generate with: " + self._generate_command())
+        return "\n".join(lines)
+
+    def _generate_command(self) -> str:
+        """`python -m jft.generate` with this run's adapter, on the first eval prompt where
+        the data has plain prompts."""
+        prompt, chat = "...", ""
+        if self.data_config.format == "prompt_completion" and self.eval_examples:
+            prompt = self.eval_examples[0].prompt
+        elif self.data_config.format == "chat":
+            chat = " --chat"
+        return (f"python -m jft.generate --model {shlex.quote(str(self.config.model))} "
+                f"--adapter {shlex.quote(str(self.directory))}{chat} "
+                f"--prompt {shlex.quote(prompt)}")
 
 
-def _eval_references(tokenizer, data_config, eval_config) -> list[tuple[list[int], str]]:
-    """(prompt ids, reference text) of the eval examples exact match is scored on."""
+class _EvalExample(NamedTuple):
+    prompt: str  # the example's prompt; for chat, its messages as the template renders them
+    ids: list[int]  # what generation is fed
+    reference: str
+
+
+def _eval_examples(tokenizer, data_config, eval_config) -> list[_EvalExample]:
+    """The eval examples exact match is scored on."""
     from jft.data import completion_reference, load_examples
 
     examples = list(load_examples(data_config.eval, data_config.format))
     if eval_config.max_examples:
         examples = examples[: eval_config.max_examples]
-    return [completion_reference(e, data_config.format, tokenizer) for e in examples]
+    out = []
+    for example in examples:
+        ids, reference = completion_reference(example, data_config.format, tokenizer)
+        prompt = (example["prompt"] if data_config.format == "prompt_completion"
+                  else tokenizer.decode(ids, skip_special_tokens=False))
+        out.append(_EvalExample(prompt, ids, reference))
+    return out
 
 
 def _shown(record: dict) -> dict:
@@ -314,6 +438,39 @@ def _shown(record: dict) -> dict:
 
 def _format(record: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in _shown(record).items())
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@contextlib.contextmanager
+def _status_line(doing: str) -> Iterator[None]:
+    """`doing ... 4.2 s` on stderr: the words when the work starts, the seconds when it ends.
+
+    Warnings raised meanwhile are held back to the end of the line, so they do not land in
+    its middle; after an error the line is just ended, and the error goes below it.
+    """
+    print(f"{doing} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as held:
+        try:
+            yield
+        except BaseException:
+            print(file=sys.stderr, flush=True)
+            raise
+    print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    for warning in held:
+        warnings.showwarning(warning.message, warning.category, warning.filename,
+                             warning.lineno)
 
 
 class _StopSignal:
@@ -328,22 +485,44 @@ class _StopSignal:
         self.requested = True
 
 
-class _Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise."""
+def _on_terminal() -> bool:
+    """Whether stdout and stderr are a terminal that reports its width (tqdm draws nothing
+    at zero columns, as in some containers' pseudo-terminals)."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return False
+    return os.get_terminal_size(sys.stderr.fileno()).columns > 0
 
-    def __init__(self, total: int, start: int, quiet: bool = False):
-        self.bar, self.quiet = None, quiet
-        if sys.stdout.isatty() and not quiet:
+
+class _Progress:
+    """On a terminal, a tqdm bar (stderr) that advances every step, with the latest metrics
+    beside it and each evaluation printed above it; otherwise one plain line per logged step
+    on stdout, so a log file gets lines rather than carriage returns."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total, self.quiet = total, quiet
+        self.terminal = not quiet and _on_terminal()
+        self.bar, self.latest = None, {}
+
+    def advance(self, step: int, record: dict | None):
+        if self.quiet:
+            return
+        if not self.terminal:
+            if record:
+                print(f"step {step}: {_format(record)}", flush=True)
+            return
+        if record and "eval_loss" in record:
+            self.note(f"step {step}: {_format(record)}")
+        # tqdm shows the rate itself; tokens/s would squeeze the bar off a narrow terminal.
+        self.latest |= {k: v for k, v in _shown(record or {}).items() if k != "tokens_per_s"}
+        postfix = {k: f"{v:.3g}" for k, v in self.latest.items()}
+        if self.bar is None:  # made after the compiling first step, so its rate excludes it
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step")
-
-    def update(self, step: int, record: dict):
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in _shown(record).items()})
+            self.bar = tqdm(total=self.total, initial=step, unit="step", dynamic_ncols=True,
+                            postfix=postfix)
             return
-        print(f"step {step}: {_format(record)}", flush=True)
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def note(self, text: str):
         if self.quiet:
