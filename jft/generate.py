@@ -9,7 +9,12 @@ from jft.errors import JftError, run_cli
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one JftError line instead of usage text."""
+    """argparse for jft's CLIs: a bad flag is one JftError line instead of usage text, and
+    `--debug` (which `run_cli` takes out of argv before parsing) is listed in --help."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     def error(self, message: str):
         raise JftError(f"{self.prog}: {message} (see --help)")
@@ -39,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto, float32 on CPU and bfloat16 on GPU/TPU (default: %(default)s)")
     parser.add_argument("--adapter", help="a jft.train run directory (its latest adapter), a "
                         "PEFT adapter or a jft adapter directory")
-    # run_cli takes --debug out of argv before parsing; it is here to be listed in --help.
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 

@@ -43,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--overwrite", action="store_true",
                         help="move an existing run in output_dir aside and start fresh")
-    # run_cli takes --debug out of argv before parsing; it is here to be listed in --help.
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     cluster = parser.add_argument_group(
         "multi-host", "without these, JAX detects the cluster (TPU pod slice, SLURM, Open MPI, "
         "Kubernetes) or runs as one process; see docs/pods.md")

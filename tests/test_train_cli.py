@@ -183,10 +183,12 @@ def test_loss_curve_starts_at_the_before_training_eval(terminal_run):
 
 
 def test_help_lists_debug_and_generate_help_shows_the_defaults():
+    from jft.export import build_parser as export_parser
     from jft.generate import build_parser as generate_parser
     from jft.train import build_parser as train_parser
 
     assert "--debug" in train_parser().format_help()
+    assert "--debug" in export_parser().format_help()
     shown = " ".join(generate_parser().format_help().split())
     assert "--debug" in shown and "(default: 128)" in shown and "(default: 0.0)" in shown
 
