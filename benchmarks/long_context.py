@@ -34,6 +34,7 @@ import optax
 
 from jft import train_step as step_module
 from jft.models import ModelConfig, RopeConfig, init_params
+from jft.objectives import sft
 from jft.peft import create
 from jft.peft.optim import masked_optimizer
 
@@ -46,7 +47,7 @@ MIB = 2**20
 
 
 def measure(model, params, batch_size, seq_len, chunk_bytes, steps):
-    step_module.LOSS_CHUNK_BYTES = chunk_bytes
+    sft.LOSS_CHUNK_BYTES = chunk_bytes
     times, losses = [], []
     base, adapter = create("lora", jax.random.key(0), params, model, r=16, alpha=32,
                            targets="all-linear")
@@ -83,7 +84,7 @@ def main():
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     params = init_params(SMOLLM2_SHAPE, jax.random.key(0), dtype=jnp.bfloat16)
-    chunked = step_module.LOSS_CHUNK_BYTES
+    chunked = sft.LOSS_CHUNK_BYTES
     variants = {"xla+whole": ("xla", 2**62), "blockwise+whole": ("blockwise", 2**62),
                 "blockwise+chunked": ("blockwise", chunked)}
     records = []

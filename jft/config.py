@@ -166,6 +166,7 @@ class TrainConfig:
     compute_dtype: Dtype = "auto"
     remat: Remat = "none"
     kernels: Kernels = "auto"
+    objective: str = "sft"  # a name in jft.objectives.OBJECTIVES
     method: MethodSection = dataclasses.field(default_factory=MethodSection)
     data: DataSection = _required()
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -198,6 +199,8 @@ class TrainConfig:
         made floats), so spelling out a default (`r: 8`) keeps the fingerprint.
         """
         resolved = self.to_dict()
+        if resolved["objective"] == "sft":  # the default: runs from before the key resume
+            del resolved["objective"]
         for dotted in FINGERPRINT_EXCLUDED:
             *parents, last = dotted.split(".")
             node = resolved
@@ -541,6 +544,11 @@ def _describe(kind) -> str:
 
 def _check_combinations(config: TrainConfig, context: _Context, check_paths: bool) -> None:
     train, data, evaluation = config.train, config.data, config.eval
+    from jft.objectives import OBJECTIVES
+
+    if config.objective not in OBJECTIVES:
+        context.fail("objective", f"objective {config.objective!r} is not one of: "
+                     f"{', '.join(sorted(OBJECTIVES))}")
     if train.warmup_steps > train.steps:
         context.fail(
             "train.warmup_steps",

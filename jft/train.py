@@ -154,13 +154,15 @@ class Run:
     def _set_up_training(self):
         """The adapter, its optimiser, the sharded steps and their initial state, and the
         base placed on the mesh."""
+        from jft.objectives import get_objective
         from jft.sharding.placement import put
         from jft.train_step import ShardedSteps
 
         base, adapter = self._create_adapter()
         self.optimizer = self._optimizer(adapter)
         self.steps = ShardedSteps(self.model_config, self.optimizer, self.rules, base,
-                                  [adapter], self.config.train.seed)
+                                  [adapter], self.config.train.seed,
+                                  get_objective(self.config.objective))
         self.base = put(base, self.steps.params)
         self.state = self.steps.initial_state
         # Only the state's copy of the delta lives on: LISA and HFT park the base's layer

@@ -1,10 +1,5 @@
-"""The training step: next-token loss on target tokens, gradients for the deltas only.
-
-A batch is a dict of [B, T] arrays (see `jft.data`): `tokens`, `segment_ids` (0 =
-padding), `positions`, and `loss_mask` (True where the token is a training target).
-Token t is predicted from the positions before it in the same segment, so the first
-token of every example is never a target, and packed examples never see each other.
-"""
+"""The training step: an objective's loss (`jft.objectives`, next-token cross-entropy by
+default), gradients for the deltas' trainable leaves only, one optimiser update."""
 
 from __future__ import annotations
 
@@ -17,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jft.models import ModelConfig, forward, output_logits, param_axes
+from jft.models import ModelConfig, param_axes
+from jft.objectives import Objective
+from jft.objectives.sft import SFT
 from jft.peft.base import Adapter, combine, partition
 from jft.peft.optim import reset_state
 from jft.sharding.logical import LogicalRules, use_rules
@@ -51,78 +48,13 @@ def init_state(adapters, optimizer: optax.GradientTransformation, seed: int) -> 
     return TrainState(adapters, opt_state, counter(), jax.random.key(seed), counter(), counter())
 
 
-# The float32 logits of one loss chunk stay under this many bytes: at Llama 3's 128k
-# vocabulary the logits of one 8k-token row alone are 4 GiB, and their gradient as much.
-LOSS_CHUNK_BYTES = 256 * 2**20
-
-
-def token_losses(model: ModelConfig, params, adapters, batch, rng=None):
-    """Per-token cross-entropy [B, T] and the target mask [B, T] (position 0 never counts)."""
-    hidden, head = forward(model, params, batch["tokens"], batch["positions"],
-                           batch["segment_ids"], adapters=adapters, rng=rng, return_hidden=True)
-    targets = batch["tokens"][:, 1:]
-    segments = batch["segment_ids"]
-    mask = batch["loss_mask"][:, 1:] & (segments[:, 1:] == segments[:, :-1]) & (
-        segments[:, 1:] != 0
-    )
-    losses = chunked_cross_entropy(model, hidden[:, :-1], head, targets)
-    pad = jnp.zeros((losses.shape[0], 1), losses.dtype)
-    return jnp.concatenate([pad, losses], 1), jnp.concatenate([pad.astype(bool), mask], 1)
-
-
-def chunked_cross_entropy(model: ModelConfig, hidden, head, targets, chunk_bytes=None):
-    """Cross-entropy [B, T] of the logits of `hidden` [B, T, D] against `targets` [B, T].
-
-    The logits are computed a chunk of positions at a time and recomputed in the backward
-    pass (`jax.checkpoint`), so only one chunk's [B, C, V] logits ever exist: the same
-    values as the whole-sequence loss, at a fraction of its memory.
-    """
-    batch, length, _ = hidden.shape
-    chunk = max(8, (chunk_bytes or LOSS_CHUNK_BYTES) // (4 * model.vocab_size * batch))
-
-    def losses(h, t):
-        return optax.softmax_cross_entropy_with_integer_labels(output_logits(model, h, head), t)
-
-    if length <= chunk:
-        return losses(hidden, targets)
-    pad = -length % chunk
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    count = (length + pad) // chunk
-
-    def chunks(x):  # [B, count * C, ...] -> [count, B, C, ...]
-        return jnp.moveaxis(x.reshape(batch, count, chunk, *x.shape[2:]), 1, 0)
-
-    per_chunk = jax.lax.map(lambda ht: jax.checkpoint(losses)(*ht),
-                            (chunks(hidden), chunks(targets)))
-    return jnp.moveaxis(per_chunk, 0, 1).reshape(batch, count * chunk)[:, :length]
-
-
-def mean_loss(model, params, adapters, batch, rng=None):
-    losses, mask = token_losses(model, params, adapters, batch, rng)
-    count = jnp.maximum(mask.sum(), 1)
-    return jnp.sum(jnp.where(mask, losses, 0.0)) / count, count
-
-
-def example_losses(model, params, adapters, batch) -> jax.Array:
-    """Mean target loss of each example [B, S] (by segment id 1..S; NaN where absent)."""
-    losses, mask = token_losses(model, params, adapters, batch)
-    segments = batch["segment_ids"]
-    num = int(segments.max())
-    ids = jnp.arange(1, num + 1)[None, :, None]  # [1, S, 1]
-    in_segment = (segments[:, None, :] == ids) & mask[:, None, :]
-    total = jnp.sum(jnp.where(in_segment, losses[:, None, :], 0.0), axis=-1)
-    count = in_segment.sum(-1)
-    return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
-
-
 def _train_step(model: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
-                params, batch):
+                params, batch, objective: Objective = SFT):
     """One update; a non-finite loss or gradient skips it (and is counted)."""
     rng, step_rng = jax.random.split(state.rng)
     trainable, frozen = partition(state.adapters)
-    (loss, count), grads = jax.value_and_grad(
-        lambda part: mean_loss(model, params, combine(part, frozen), batch, step_rng),
+    (loss, aux), grads = jax.value_and_grad(
+        lambda part: objective.loss(model, params, combine(part, frozen), batch, step_rng),
         has_aux=True,
     )(trainable)
     grad_norm = optax.global_norm(grads)
@@ -138,11 +70,12 @@ def _train_step(model: ModelConfig, optimizer: optax.GradientTransformation, sta
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
     )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
     return state, metrics
 
 
-train_step = jax.jit(_train_step, static_argnums=(0, 1), donate_argnums=2)
+train_step = jax.jit(_train_step, static_argnums=(0, 1), static_argnames="objective",
+                     donate_argnums=2)
 
 
 def refresh_state(model: ModelConfig, optimizer: optax.GradientTransformation,
@@ -172,13 +105,9 @@ def _reset_state(optimizer, opt_state, adapters, resets):
     return reset_state(optimizer, opt_state, adapters, resets)
 
 
-def _eval_step(model: ModelConfig, params, adapters, batch):
-    """(summed target loss, target count) of one batch, for held-out loss and perplexity."""
-    losses, mask = token_losses(model, params, adapters, batch)
-    return jnp.sum(jnp.where(mask, losses, 0.0)), mask.sum()
-
-
-eval_step = jax.jit(_eval_step, static_argnums=0)
+def _eval_step(model: ModelConfig, params, adapters, batch, objective: Objective = SFT):
+    """(summed held-out loss, count) of one batch, for the eval loss and perplexity."""
+    return objective.held_out(model, params, adapters, batch)
 
 
 # ------------------------------------------------------------------ on a device mesh
@@ -190,7 +119,7 @@ class ShardedSteps:
     boundaries), and the state placed so that every array follows its base's layout."""
 
     def __init__(self, model: ModelConfig, optimizer: optax.GradientTransformation,
-                 rules: LogicalRules, params, adapters, seed: int):
+                 rules: LogicalRules, params, adapters, seed: int, objective: Objective = SFT):
         self.rules = rules
         self.params = tree_shardings(rules, params, param_axes(params))
         abstract = jax.eval_shape(lambda a: init_state(a, optimizer, seed), adapters)
@@ -198,13 +127,14 @@ class ShardedSteps:
         self.initial_state = jax.jit(lambda a: init_state(a, optimizer, seed),
                                      out_shardings=self.state)(
             put(adapters, self.state.adapters))
-        self._model, self._optimizer = model, optimizer
+        self._model, self._optimizer, self._objective = model, optimizer, objective
         self._train = self._eval = None
 
     def train(self, state: TrainState, params, batch):
         batch, shardings = self._place(batch)
         if self._train is None:
-            self._train = self._jit(partial(_train_step, self._model, self._optimizer),
+            self._train = self._jit(partial(_train_step, self._model, self._optimizer,
+                                            objective=self._objective),
                                     (self.state, self.params, shardings),
                                     (self.state, replicated(self.rules)), donate=0)
         return self._train(state, params, batch)
@@ -212,7 +142,7 @@ class ShardedSteps:
     def eval(self, params, adapters, batch):
         batch, shardings = self._place(batch)
         if self._eval is None:
-            self._eval = self._jit(partial(_eval_step, self._model),
+            self._eval = self._jit(partial(_eval_step, self._model, objective=self._objective),
                                    (self.params, self.state.adapters, shardings),
                                    replicated(self.rules))
         return self._eval(params, adapters, batch)

@@ -27,6 +27,7 @@ model_dtype: bfloat16
 compute_dtype: float32
 remat: dots
 kernels: xla
+objective: sft
 method:
   name: lora
   r: 16
@@ -270,6 +271,7 @@ def test_wrong_types(minimal, override, key, expected):
     ("compute_dtype=int8", "compute_dtype", "auto, float32, bfloat16, float16"),
     ("remat=some", "remat", "none, full, dots, dots_no_batch"),
     ("kernels=fast", "kernels", "auto, pallas, xla"),
+    ("objective=dpo", "objective", "sft"),
     ("method.name=qlora", "method.name", "bitfit, full, hft, ia3, lisa, lora"),
 ])
 def test_unknown_names_list_the_valid_ones(minimal, override, key, valid):
@@ -373,7 +375,7 @@ def test_fingerprint(minimal, files):
     same = [
         ["train.steps=5000"], ["checkpoint.every=10"], ["checkpoint.keep=1"],
         ["train.log_every=50"], ["train.max_bad_steps=2"], ["remat=full"],
-        ["kernels=xla"],
+        ["kernels=xla"], ["objective=sft"],
         [f"output_dir={files['out']}2"], [f"data.eval={files['eval']}", "eval.every=5"],
         ["method.r=8"], ["method.alpha=8"], ["method.targets=[q_proj,v_proj]"],
     ]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from jft.models import ModelConfig, RopeConfig, init_params
+from jft.objectives.sft import mean_loss
 from jft.pallas_kernels import use_pallas
 from jft.peft import create
 from jft.peft.base import combine, partition, use_kernel
-from jft.train_step import mean_loss
 
 MODEL = ModelConfig(
     family="llama", vocab_size=40, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,

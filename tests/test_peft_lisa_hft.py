@@ -13,11 +13,12 @@ import pytest
 
 from jft.errors import JftError
 from jft.models import ModelConfig, RopeConfig, forward
+from jft.objectives.sft import mean_loss
 from jft.peft import create, hft, lisa, make_config
 from jft.peft.active_layers import gated_matmul
 from jft.peft.base import combine, partition
 from jft.peft.optim import masked_optimizer
-from jft.train_step import init_state, mean_loss, refresh_state, train_step
+from jft.train_step import init_state, refresh_state, train_step
 from tests.hf_reference import random_params
 
 # Untied head, qkv biases, q/k norms and post norms: every kind of layer param. Five

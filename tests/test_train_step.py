@@ -11,8 +11,9 @@ import optax
 import pytest
 
 from jft.models import ModelConfig, RopeConfig, init_params
+from jft.objectives.sft import example_losses
 from jft.peft import create
-from jft.train_step import example_losses, init_state, train_step
+from jft.train_step import init_state, train_step
 
 MODEL = ModelConfig(
     family="llama", vocab_size=48, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -111,8 +112,8 @@ def test_two_accumulated_half_batches_equal_one_full_batch(params):
 def test_chunked_loss_equals_whole_sequence_loss_and_gradients(params, monkeypatch, method):
     """Logits computed 8 positions at a time (29 positions: ragged last chunk) give the
     loss and gradients of the whole [B, T, V] logits at once."""
-    from jft import train_step as step_module
     from jft.models import forward
+    from jft.objectives import sft
     from jft.peft.base import combine, partition
 
     base, adapter = create(method, jax.random.key(1), params, MODEL,
@@ -128,14 +129,14 @@ def test_chunked_loss_equals_whole_sequence_loss_and_gradients(params, monkeypat
                          batch["segment_ids"], adapters=combine(part, frozen))
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1], batch["tokens"][:, 1:])
-        _, mask = step_module.token_losses(MODEL, base, combine(part, frozen), batch)
+        _, mask = sft.token_losses(MODEL, base, combine(part, frozen), batch)
         return jnp.sum(jnp.where(mask[:, 1:], losses, 0)) / mask.sum()
 
     def chunked(part):
-        return step_module.mean_loss(MODEL, base, combine(part, frozen), batch)[0]
+        return sft.mean_loss(MODEL, base, combine(part, frozen), batch)[0]
 
     # 8-position chunks: 2 rows x 48 vocab x 4 bytes x 8.
-    monkeypatch.setattr(step_module, "LOSS_CHUNK_BYTES", 2 * 48 * 4 * 8)
+    monkeypatch.setattr(sft, "LOSS_CHUNK_BYTES", 2 * 48 * 4 * 8)
     loss, grads = jax.value_and_grad(chunked)(trainable)
     jaxpr = str(jax.make_jaxpr(chunked)(trainable))
     assert "f32[2,8,48]" in jaxpr and "f32[2,29,48]" not in jaxpr
@@ -143,3 +144,48 @@ def test_chunked_loss_equals_whole_sequence_loss_and_gradients(params, monkeypat
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+class _DistillToBase:
+    """A test objective with what DPO-like objectives need: a second forward pass with the
+    adapters off (the reference) and an extra batch field (per-row weights)."""
+
+    name = "test_distill_to_base"
+
+    def loss(self, model, params, adapters, batch, rng):
+        from jft.models import forward
+
+        tuned = forward(model, params, batch["tokens"], adapters=adapters)
+        reference = jax.lax.stop_gradient(forward(model, params, batch["tokens"]))
+        per_row = jnp.mean((tuned - reference) ** 2, axis=(1, 2))
+        return jnp.sum(batch["row_weight"] * per_row), {"reference_mean": reference.mean()}
+
+    def held_out(self, model, params, adapters, batch):
+        loss, _ = self.loss(model, params, adapters, batch, None)
+        return loss, jnp.asarray(1)
+
+
+def test_sharded_steps_train_any_objective_with_extra_batch_fields(params):
+    from jft.models import forward
+    from jft.peft.optim import masked_optimizer
+    from jft.sharding import make_rules
+    from jft.sharding.mesh import MeshConfig
+    from jft.train_step import ShardedSteps
+
+    base, adapter = create("lora", jax.random.key(1), params, MODEL, r=4)
+    adapter = dataclasses.replace(adapter, delta=jax.tree.map(lambda x: x + 0.05,
+                                                               adapter.delta))
+    batch = dict(_batch([_row(EXAMPLES[:2], 16), _row(EXAMPLES[2:], 16)]))
+    batch["row_weight"] = jnp.asarray([1.0, 3.0])
+    optimizer = masked_optimizer(optax.sgd(0.1), [adapter])
+    steps = ShardedSteps(MODEL, optimizer, make_rules(MeshConfig()), base, [adapter], 0,
+                         _DistillToBase())
+    state, metrics = steps.train(steps.initial_state, base, batch)
+
+    tuned = np.asarray(forward(MODEL, base, batch["tokens"], adapters=[adapter]))
+    reference = np.asarray(forward(MODEL, base, batch["tokens"]))
+    expected = np.sum(np.array([1.0, 3.0]) * ((tuned - reference) ** 2).mean(axis=(1, 2)))
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["reference_mean"]), reference.mean(), rtol=1e-5)
+    loss_sum, count = steps.eval(base, state.adapters, batch)
+    assert int(count) == 1 and float(loss_sum) < expected  # one SGD step moved towards base
