@@ -22,13 +22,12 @@ from typing import Any, Literal, Union
 import optax
 import yaml
 
+from jft.data import DataConfig
 from jft.errors import JftError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 Kernels = Literal["auto", "pallas", "xla"]
-DataFormat = Literal["text", "prompt_completion", "chat"]
-Overlong = Literal["truncate", "drop"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd", "adafactor", "lion"]
 
@@ -83,20 +82,6 @@ class MethodSection:
     def needs_calibration(self) -> bool:
         return (self.options.get("init") in DATA_DRIVEN_INITS
                 or self.options.get("selection") in DATA_DRIVEN_SELECTIONS)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DataSection:
-    """`data`: the training and held-out files and how examples become token rows."""
-
-    train: str = _required()
-    eval: str | None = None
-    format: DataFormat = "prompt_completion"
-    max_length: int = _field(512, min=1)
-    packing: bool = True
-    completion_only_loss: bool = True
-    overlong: Overlong = "truncate"
-    streaming: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +153,7 @@ class TrainConfig:
     kernels: Kernels = "auto"
     objective: str = "sft"  # a name in jft.objectives.OBJECTIVES
     method: MethodSection = dataclasses.field(default_factory=MethodSection)
-    data: DataSection = _required()
+    data: DataConfig = _required()
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
@@ -363,7 +348,10 @@ def _build(cls, raw: Any, prefix: str, context: _Context):
             continue
         else:
             values[f.name] = _check_value(kind, raw[f.name], dotted, context, f.metadata)
-    return cls(**values)
+    try:  # a section's own checks (DataConfig's), reported against the file
+        return cls(**values)
+    except JftError as error:
+        context.fail(prefix, str(error))
 
 
 def _build_method(raw: Mapping, context: _Context) -> MethodSection:
@@ -637,8 +625,9 @@ def build_schedule(train: TrainSection, total_steps: int | None = None) -> optax
     warmup = min(train.warmup_steps, total)
     decay_steps = max(total - warmup, 1)
     if train.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.min_lr_ratio)
-    elif train.schedule == "linear":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, warmup + decay_steps,
+                                                  end_value=peak * train.min_lr_ratio)
+    if train.schedule == "linear":
         decay = optax.linear_schedule(peak, peak * train.min_lr_ratio, decay_steps)
     else:
         decay = optax.constant_schedule(peak)
@@ -648,7 +637,7 @@ def build_schedule(train: TrainSection, total_steps: int | None = None) -> optax
 
 
 def build_optimizer(
-    train: TrainSection, total_steps: int | None = None
+    train: TrainSection, total_steps: int | None = None, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
     """The optimizer of `train` with its schedule, after global-norm clipping when grad_clip > 0.
 
@@ -656,9 +645,10 @@ def build_optimizer(
     decoupled weight decay. adafactor: factored second moments, no parameter-scale
     multiplication (learning_rate is the step size, as for the others), beta1 as its
     optional momentum. sgd: `momentum`, weight decay added to the gradient (L2).
-    Gradient accumulation is separate: see wrap_accumulation.
+    Gradient accumulation is separate: see wrap_accumulation. `schedule`: the one
+    `build_schedule` gave, when the caller also reads it (the logged learning rate).
     """
-    schedule = build_schedule(train, total_steps)
+    schedule = schedule or build_schedule(train, total_steps)
     wd = train.weight_decay
     if train.optimizer == "adamw":
         tx = optax.adamw(schedule, b1=_or(train.beta1, 0.9), b2=_or(train.beta2, 0.999),
@@ -701,7 +691,7 @@ def _or(value: float | None, default: float) -> float:
 
 
 __all__ = [
-    "BUNDLED_MODELS", "CheckpointSection", "DataSection", "EvalSection",
+    "BUNDLED_MODELS", "CheckpointSection", "EvalSection",
     "FINGERPRINT_EXCLUDED", "MethodSection", "TrainConfig", "TrainSection",
     "build_optimizer", "build_schedule", "from_dict", "load_config", "wrap_accumulation",
 ]

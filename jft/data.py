@@ -44,6 +44,7 @@ then shuffled. Overlong examples are truncated to their first max_length tokens 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -70,14 +71,18 @@ __all__ = [
     "completion_reference",
     "exact_match",
     "load_examples",
+    "batcher",
     "make_batcher",
+    "read_split",
     "prompt_ids",
     "tokenize_example",
     "tokenize_examples",
 ]
 
-FORMATS = ("text", "prompt_completion", "chat")
-OVERLONG = ("truncate", "drop")
+DataFormat = Literal["text", "prompt_completion", "chat"]
+Overlong = Literal["truncate", "drop"]
+FORMATS = get_args(DataFormat)
+OVERLONG = get_args(Overlong)
 FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
 _NEEDS = {
     "text": 'a string field "text"',
@@ -91,17 +96,20 @@ _STATE_VERSION = 1
 _COUNTERS = ("examples", "tokens", "targets", "truncated", "dropped")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """The `data` settings of a training run; bad values raise `JftError` naming the key."""
+    """The `data` section of a training config (docs/config.md), and the settings of the
+    functions below. Bad values raise `JftError` naming the key; `jft.config` reads the
+    field metadata (`required`, `min`) to report them against the config file."""
 
-    train: str  # .jsonl/.json/.parquet/.csv file, or a saved `datasets` folder (save_to_disk)
+    # A .jsonl/.json/.parquet/.csv file, or a saved `datasets` folder (save_to_disk).
+    train: str = dataclasses.field(metadata={"required": True})
     eval: str | None = None
-    format: str = "prompt_completion"  # "text" | "prompt_completion" | "chat"
-    max_length: int = 512
+    format: DataFormat = "prompt_completion"
+    max_length: int = dataclasses.field(default=512, metadata={"min": 1})  # 2 with packing
     packing: bool = True
     completion_only_loss: bool = True  # loss on completion / assistant tokens only
-    overlong: str = "truncate"  # "truncate" | "drop"
+    overlong: Overlong = "truncate"
     streaming: bool = False  # read lazily with datasets streaming, for files too big to convert
 
     def __post_init__(self):
@@ -113,8 +121,10 @@ class DataConfig:
                 raise JftError(f"data.{key}={value!r}; expected a path to {_KINDS}")
         _check_choice("data.format", self.format, FORMATS)
         _check_choice("data.overlong", self.overlong, OVERLONG)
-        if not _is_int(self.max_length) or self.max_length < 2:
-            raise JftError(f"data.max_length={self.max_length!r}; expected an integer >= 2")
+        least = 2 if self.packing is True else 1  # a packed row holds an input and a target
+        if not _is_int(self.max_length) or self.max_length < least:
+            raise JftError(f"data.max_length={self.max_length!r}; expected an integer >= "
+                           f"{least}{' with data.packing' if least == 2 else ''}")
         for key in ("packing", "completion_only_loss", "streaming"):
             if not isinstance(getattr(self, key), bool):
                 raise JftError(f"data.{key}={getattr(self, key)!r}; expected true or false")
@@ -1013,23 +1023,26 @@ def _dataset_lengths(examples: Any) -> np.ndarray:
 # Running it from a config, and evaluation
 
 
-def make_batcher(
-    config: DataConfig,
-    tokenizer: Tokenizer,
-    batch_size: int,
-    seed: int = 0,
-    *,
-    split: str = "train",
+def read_split(
+    config: DataConfig, tokenizer: Tokenizer, split: str = "train", *,
     cache_dir: str | None = None,
-) -> Batcher:
-    """Reads, tokenizes and batches `config.train` (shuffled, endless) or `config.eval` (in
-    order, one pass, the last batch padded)."""
+) -> tuple[Any, TokenizedExamples | TokenizedStream]:
+    """`config.train` or `config.eval` read and tokenized once: (its records, for exact-match
+    references; their tokens, for any number of `batcher`s)."""
     _check_choice("split", split, ("train", "eval"))
     path = config.train if split == "train" else config.eval
     if path is None:
         raise JftError("data.eval is not set; give an eval file to evaluate on")
-    examples = load_examples(path, config.format, streaming=config.streaming, cache_dir=cache_dir)
-    tokenized = tokenize_examples(examples, tokenizer, config, source=str(path))
+    records = load_examples(path, config.format, streaming=config.streaming, cache_dir=cache_dir)
+    return records, tokenize_examples(records, tokenizer, config, source=str(path))
+
+
+def batcher(
+    tokenized: Any, config: DataConfig, tokenizer: Tokenizer, batch_size: int, seed: int = 0,
+    *, split: str = "train",
+) -> Batcher:
+    """Batches of a split's tokens: shuffled and endless for "train", in order and one pass
+    (the last batch padded) for "eval"."""
     train = split == "train"
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     return Batcher(
@@ -1043,6 +1056,21 @@ def make_batcher(
         overlong=config.overlong,
         pad_id=pad_id,
     )
+
+
+def make_batcher(
+    config: DataConfig,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    cache_dir: str | None = None,
+) -> Batcher:
+    """Reads, tokenizes and batches `config.train` (shuffled, endless) or `config.eval` (in
+    order, one pass, the last batch padded): `read_split`, then `batcher`."""
+    _, tokenized = read_split(config, tokenizer, split, cache_dir=cache_dir)
+    return batcher(tokenized, config, tokenizer, batch_size, seed, split=split)
 
 
 def completion_reference(

@@ -150,18 +150,18 @@ def write_loss_curve(directory: Path) -> Path:
     return path
 
 
-def flops_per_token(model: ModelConfig, full_backward: bool, trainable: int,
-                    context: int) -> float:
-    """Matmul FLOPs per trained token: forward 2N, the activation-gradient backward 2N,
-    and the weight-gradient backward 2N only for full fine-tuning (PEFT methods pay
-    2 x trainable instead), plus attention's score and value matmuls."""
+def flops_per_token(model: ModelConfig, trainable: int, context: int) -> float:
+    """Matmul FLOPs per trained token: forward 2N, the activation-gradient backward 2N, the
+    weight-gradient backward 2 per trainable matmul weight (2N for full fine-tuning: the
+    embedding table's gradient is a scatter, not a matmul), plus attention's score and
+    value matmuls."""
     head = model.vocab_size * model.embed_dim
     # The embedding lookup is no matmul; the output head is, tied or not.
     layers = model.num_params() - head * (1 if model.tie_embeddings else 2) - model.embed_dim
     base = layers + head
     attention = 2 * 2 * model.num_layers * model.num_heads * model.head_dim * context
     forward = 2 * base + attention
-    return 2 * forward + (2 * base if full_backward else 2 * trainable)
+    return 2 * forward + 2 * min(trainable, base)
 
 
 def peak_flops() -> float | None:

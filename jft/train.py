@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import functools
 import json
 import os
 import shlex
@@ -25,6 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
@@ -89,7 +88,6 @@ class Run:
     def __init__(self, config, overwrite: bool = False):
         import jft
         from jft.checkpointing import RunCheckpoints, base_fingerprint
-        from jft.data import DataConfig
         from jft.run_outputs import prepare_run_dir
         from jft.sharding import make_rules
         from jft.sharding.distributed import barrier, from_main, is_main_process
@@ -112,7 +110,7 @@ class Run:
             self.base_hash = base_fingerprint(model.params)
         self.model = model
         self.model_config = model.config.replace(remat=config.remat, kernels=config.kernels)
-        self.data_config = DataConfig(**dataclasses.asdict(config.data))
+        self.data_config = config.data
         with self._status("reading and tokenizing data"):
             self._read_data()
         with self._status(f"creating the {config.method.name} adapter"):
@@ -135,21 +133,25 @@ class Run:
         return _status_line(doing) if self.is_main else contextlib.nullcontext()
 
     def _read_data(self):
-        """The training batcher, the eval batches and the exact-match examples, read once."""
-        from jft.data import make_batcher
+        """The training batcher, the eval batches and the exact-match examples: each file
+        read and tokenized once (calibration batches come from the same tokens)."""
+        from jft.data import batcher, read_split
 
         config, tokenizer = self.config, self.model.tokenizer
-        self.batcher = make_batcher(self.data_config, tokenizer, config.train.batch_size,
-                                    config.train.seed)
-        self.eval_batches = None
-        if config.data.eval and config.eval.every:
-            self.eval_batches = list(make_batcher(
-                self.data_config, tokenizer, config.eval.batch_size or config.train.batch_size,
-                split="eval",
-            ))
-        self.eval_examples = []
+        _, self.train_tokens = read_split(self.data_config, tokenizer)
+        self.batcher = batcher(self.train_tokens, self.data_config, tokenizer,
+                               config.train.batch_size, config.train.seed)
+        self.eval_batches, self.eval_examples = None, []
+        if not config.data.eval or not (config.eval.every or config.eval.generate):
+            return
+        records, tokens = read_split(self.data_config, tokenizer, "eval")
+        if config.eval.every:
+            self.eval_batches = list(batcher(
+                tokens, self.data_config, tokenizer,
+                config.eval.batch_size or config.train.batch_size, split="eval"))
         if config.eval.generate:
-            self.eval_examples = _eval_examples(tokenizer, self.data_config, config.eval)
+            self.eval_examples = _eval_examples(records, tokenizer, self.data_config,
+                                                config.eval)
 
     def _set_up_training(self):
         """The adapter, its optimiser, the sharded steps and their initial state, and the
@@ -170,15 +172,15 @@ class Run:
         self.model.params = None
 
     def _create_adapter(self):
-        from jft.data import make_batcher
+        from jft.data import batcher
         from jft.peft import create
 
         method = self.config.method
         calibration = None
         if method.needs_calibration:  # a separate pass, so the training order is unchanged
-            batcher = make_batcher(self.data_config, self.model.tokenizer,
-                                   self.config.train.batch_size, self.config.train.seed + 1)
-            calibration = [next(batcher) for _ in range(method.calibration_batches)]
+            batches = batcher(self.train_tokens, self.data_config, self.model.tokenizer,
+                              self.config.train.batch_size, self.config.train.seed + 1)
+            calibration = [next(batches) for _ in range(method.calibration_batches)]
         return create(method.name, jax.random.key(self.config.train.seed), self.model.params,
                       self.model_config, calibration, **method.options)
 
@@ -187,18 +189,13 @@ class Run:
         return self.state.adapters[0]
 
     def _optimizer(self, adapter):
-        from jft.config import build_optimizer, wrap_accumulation
+        from jft.config import build_optimizer, build_schedule, wrap_accumulation
         from jft.peft.optim import masked_optimizer
 
         train = self.config.train
-        optimizer = masked_optimizer(build_optimizer(train, train.steps), [adapter])
+        self.schedule = build_schedule(train)  # the optimiser's, and the logged rate's
+        optimizer = masked_optimizer(build_optimizer(train, schedule=self.schedule), [adapter])
         return wrap_accumulation(optimizer, train.grad_accum)
-
-    @functools.cached_property
-    def schedule(self):
-        from jft.config import build_schedule
-
-        return build_schedule(self.config.train, self.config.train.steps)
 
     def _restore(self):
         state, meta = self.checkpoints.restore(self.state)
@@ -244,8 +241,7 @@ class Run:
         trainable = self.adapter.impl.num_params(self.adapter.delta, self.model_config,
                                                  self.adapter.config)
         throughput = Throughput(flops_per_token(
-            self.model_config, self.config.method.name == "full", trainable,
-            self.data_config.max_length))
+            self.model_config, trainable, self.data_config.max_length))
         stop, stopped = _StopSignal(), False
         progress = _Progress(train.steps, quiet=not self.is_main)
         step = self.start_step
@@ -415,13 +411,11 @@ class _EvalExample(NamedTuple):
     reference: str
 
 
-def _eval_examples(tokenizer, data_config, eval_config) -> list[_EvalExample]:
+def _eval_examples(records, tokenizer, data_config, eval_config) -> list[_EvalExample]:
     """The eval examples exact match is scored on."""
-    from jft.data import completion_reference, load_examples
+    from jft.data import completion_reference
 
-    examples = list(load_examples(data_config.eval, data_config.format))
-    if eval_config.max_examples:
-        examples = examples[: eval_config.max_examples]
+    examples = list(islice(records, eval_config.max_examples))
     out = []
     for example in examples:
         ids, reference = completion_reference(example, data_config.format, tokenizer)
