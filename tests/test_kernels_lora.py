@@ -5,6 +5,7 @@ and a real run when a GPU is present."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,9 +34,11 @@ def _operands(lead, m, k, n, r, dtype, seed=0):
 
 def _assert_close(got, want, tol):
     """Max abs error within tol of the reference's largest magnitude, dtypes equal."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
+    chex.assert_equal_shape([got, want])
+    chex.assert_trees_all_equal_dtypes(got, want)
+    scale = float(np.max(np.abs(np.asarray(want, np.float32))))
+    chex.assert_trees_all_close(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                atol=tol * scale, rtol=0)
 
 
 def _check_against_reference(target, operands, tol, **blocks):

@@ -4,6 +4,9 @@ kernels (interpret mode on CPU), for prefill and decode shapes; other banks keep
 
 from __future__ import annotations
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,8 +80,7 @@ def _per_row(kernels, vmapped=False):
     return jax.jit(lambda p, t, i, b, s: forward_per_row(model, p, t, i, b, s))
 
 
-def _close(actual, expected):
-    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-5, rtol=1e-5)
+_close = functools.partial(chex.assert_trees_all_close, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

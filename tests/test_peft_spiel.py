@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +90,7 @@ def _dense_grad(params, batch):
 
 
 def _close(a, b, atol=1e-5):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
+    chex.assert_trees_all_close(a, b, atol=atol, rtol=0)
 
 
 def test_init_draws_distinct_positions_and_changes_nothing(base):
