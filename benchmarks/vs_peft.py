@@ -107,6 +107,7 @@ from types import SimpleNamespace
 from jft.errors import JftError, run_cli
 from jft.generate import ArgumentParser
 from jft.models import ModelConfig, RopeConfig
+from jft.models.sites import linear_sites
 
 # Python puts this script's folder first on sys.path, where a sibling script can shadow a
 # package that transformers imports (benchmarks/kernels.py hides the `kernels` package
@@ -188,18 +189,13 @@ MIB = 2**20
 
 
 def matmul_weights_per_layer(config: ModelConfig) -> int:
-    d, n, k, h, f = (config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim,
-                     config.mlp_dim)
-    return 2 * d * n * h + 2 * d * k * h + 3 * d * f
+    return sum(i * o for i, o in (site.sizes(config) for site in linear_sites(config)))
 
 
 def lora_weights(config: ModelConfig) -> int:
     """A and B of every linear of every layer (r * (in + out) each)."""
-    d, n, k, h, f = (config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim,
-                     config.mlp_dim)
-    in_out = {"q_proj": (d, n * h), "k_proj": (d, k * h), "v_proj": (d, k * h),
-              "o_proj": (n * h, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-    return config.num_layers * sum(LORA_RANK * (i + o) for i, o in in_out.values())
+    in_out = [site.sizes(config) for site in linear_sites(config)]
+    return config.num_layers * sum(LORA_RANK * (i + o) for i, o in in_out)
 
 
 def matmul_counts(method: str, config: ModelConfig, trainable_params: int | None

@@ -28,10 +28,10 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import ModelConfig
+from jft.models.sites import HF_LAYER, linear_site, linear_sites
 from jft.peft import Adapter, Targets, get_method, prefix_tuning, prompt_tuning
 from jft.peft import ia3 as ia3_method
 from jft.peft import lora as lora_method
-from jft.peft.base import LINEAR_MODULES, module_dims, module_path
 
 PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
 CONFIG_FILE = "adapter_config.json"
@@ -39,7 +39,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning",
                "PREFIX_TUNING": "prefix_tuning"}
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(.+)")
+_LAYER_KEY = re.compile(re.escape(_PREFIX + HF_LAYER).replace(r"\{i\}", r"(\d+)") + "(.+)")
 # Config keys that change nothing jft computes (bookkeeping, init-time options, the prompt
 # encoder's sizes, which the tensor shapes are checked against). Any other key must be
 # off (None, False, empty or "none"), or the adapter is refused.
@@ -103,7 +103,8 @@ def _to_numpy(tree):
     return np.asarray(tree, np.float32)
 
 
-def _target_options(active: dict[str, np.ndarray]) -> tuple[list[str], list[int] | None]:
+def _target_options(active: dict[str, np.ndarray], model: ModelConfig
+                    ) -> tuple[list[str], list[int] | None]:
     """(target_modules, layers_to_transform) selecting exactly the active (module, layer)
     pairs: module names plus layer indices where every module has the same layers, else
     the full module paths."""
@@ -112,11 +113,12 @@ def _target_options(active: dict[str, np.ndarray]) -> tuple[list[str], list[int]
         layers = [int(i) for i in layer_sets.pop()]
         num_layers = len(next(iter(active.values())))
         return list(active), None if len(layers) == num_layers else layers
-    return [module_path(int(i), m) for m, a in active.items() for i in np.flatnonzero(a)], None
+    return [linear_site(model, m).path(int(i)) for m, a in active.items()
+            for i in np.flatnonzero(a)], None
 
 
-def _key(layer: int, module: str, name: str) -> str:
-    return f"{_PREFIX}{module_path(layer, module)}.{name}"
+def _key(model: ModelConfig, layer: int, module: str, name: str) -> str:
+    return f"{_PREFIX}{linear_site(model, module).path(layer)}.{name}"
 
 
 def _number(value: float) -> float | int:
@@ -137,12 +139,13 @@ def _lora_to_peft(delta, config, model):
                 a0, b0 = (_lora_factors(entry["init_a"][layer], entry["init_b"][layer], rank)
                           if "init_a" in entry else (np.zeros_like(a), np.zeros_like(b)))
                 a, b = np.concatenate([a, a0], 0), np.concatenate([b, -b0], 1)
-            tensors[_key(layer, module, "lora_A.weight")] = a
-            tensors[_key(layer, module, "lora_B.weight")] = b
+            tensors[_key(model, layer, module, "lora_A.weight")] = a
+            tensors[_key(model, layer, module, "lora_B.weight")] = b
             if config.dora:
-                tensors[_key(layer, module, "lora_magnitude_vector")] = (
+                tensors[_key(model, layer, module, "lora_magnitude_vector")] = (
                     entry["magnitude"][layer].reshape(-1))
-    targets, layers = _target_options({m: np.asarray(p.ranks) > 0 for m, p in plans.items()})
+    targets, layers = _target_options({m: np.asarray(p.ranks) > 0 for m, p in plans.items()},
+                                      model)
     rank_factor = 2 if rebased else 1
     alpha_factor = (math.sqrt(2) if config.rslora else 2) if rebased else 1
     return {
@@ -167,11 +170,11 @@ def _ia3_to_peft(delta, config, model):
     for module, p in plans.items():
         for layer in np.flatnonzero(p.mask()):
             scale = delta["layers"][module][layer].reshape(-1)
-            tensors[_key(int(layer), module, "ia3_l")] = (
+            tensors[_key(model, int(layer), module, "ia3_l")] = (
                 scale[None, :] if p.feedforward else scale[:, None])
-    targets, layers = _target_options({m: p.mask() for m, p in plans.items()})
+    targets, layers = _target_options({m: p.mask() for m, p in plans.items()}, model)
     if layers is not None:  # PEFT's IA3 has no layers_to_transform: name the paths
-        targets = [module_path(i, m) for m in targets for i in layers]
+        targets = [linear_site(model, m).path(i) for m in targets for i in layers]
     feedforward = [t for t in targets if plans[t.rsplit(".", 1)[-1]].feedforward]
     return {"target_modules": targets, "feedforward_modules": feedforward,
             "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}, tensors
@@ -261,22 +264,34 @@ def _mismatch(path, key, found, expected) -> JftError:
     return JftError(f"{path}: tensor {key} has shape {tuple(found)}, expected {tuple(expected)}")
 
 
+def _split_key(key: str, names, model) -> tuple[int, str, str] | None:
+    """(layer, module, tensor name) of a key `<prefix>model.layers.<i>.<HF path>.<name>`
+    naming one of the model's linears and one of `names`, else None."""
+    match = _LAYER_KEY.fullmatch(key)
+    if not match:
+        return None
+    for site in linear_sites(model):
+        for name in names:
+            if match[2] == f"{site.hf_path}.{name}" and match[1] == str(int(match[1])):
+                return int(match[1]), site.name, name
+    return None
+
+
 def _layer_tensors(tensors, names, model, path):
     """{(module, layer): {name: tensor}} from per-module keys, checked against the model."""
     grouped: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        match = _KEY.fullmatch(key)
-        module = match and match[3]
-        if not match or module not in LINEAR_MODULES or match[4] not in names or (
-                key != _key(int(match[1]), module, match[4])):
+        parts = _split_key(key, names, model)
+        if parts is None:
+            modules = ", ".join(site.name for site in linear_sites(model))
             raise JftError(f"{path}: unexpected tensor {key}; jft reads "
-                           f"{'/'.join(names)} of {', '.join(LINEAR_MODULES)} under "
+                           f"{'/'.join(names)} of {modules} under "
                            f"{_PREFIX}model.layers.<i>")
-        layer = int(match[1])
+        layer, module, name = parts
         if layer >= model.num_layers:
             raise JftError(f"{path}: tensor {key} is for layer {layer}, but the model has "
                            f"layers 0..{model.num_layers - 1}")
-        grouped.setdefault((module, layer), {})[match[4]] = value
+        grouped.setdefault((module, layer), {})[name] = value
     return grouped
 
 
@@ -297,9 +312,10 @@ def _peft_targeted(options, model) -> set[tuple[str, int]] | None:
     layers = options.get("layers_to_transform")
     layers = [layers] if isinstance(layers, int) else layers
     chosen = set()
-    for module in LINEAR_MODULES:
+    for site in linear_sites(model):
+        module = site.name
         for layer in range(model.num_layers):
-            key = module_path(layer, module)
+            key = site.path(layer)
             by_layer = not layers or isinstance(targets, str) or key in targets or layer in layers
             if (_peft_matches(targets, key) and by_layer
                     and not (excluded and _peft_matches(excluded, key))):
@@ -312,22 +328,23 @@ def _check_coverage(grouped, options, model, path, names):
                      key=lambda pair: (pair[1], pair[0]))
     if missing:
         module, layer = missing[0]
-        raise JftError(f"{path}: lacks tensor {_key(layer, module, names[0])}, which "
+        raise JftError(f"{path}: lacks tensor {_key(model, layer, module, names[0])}, which "
                        "target_modules selects")
     for (module, layer), entry in grouped.items():
         for name in names:
             if name not in entry:
-                raise JftError(f"{path}: lacks tensor {_key(layer, module, name)}")
+                raise JftError(f"{path}: lacks tensor {_key(model, layer, module, name)}")
 
 
 def _jft_targets(pairs, model) -> Targets:
     """jft Targets selecting exactly these (module, layer) pairs."""
-    active = {m: np.zeros(model.num_layers, bool) for m in LINEAR_MODULES
+    names = [site.name for site in linear_sites(model)]
+    active = {m: np.zeros(model.num_layers, bool) for m in names
               if any(m == module for module, _ in pairs)}
     for module, layer in pairs:
         active[module][layer] = True
-    targets, layers = _target_options(active)
-    if all(t in LINEAR_MODULES for t in targets):
+    targets, layers = _target_options(active, model)
+    if all(t in names for t in targets):
         return Targets(tuple(targets), None if layers is None else tuple(layers))
     return Targets("|".join(re.escape(t) for t in targets))
 
@@ -350,14 +367,15 @@ def _lora_from_peft(options, tensors, base, model, path):
     r, alpha = int(options.get("r", 8)), float(options.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = {}, {}
     for (module, layer), entry in grouped.items():
-        size_in, size_out = (math.prod(d) for d in module_dims(model, module))
-        module_key = module_path(layer, module)
+        size_in, size_out = linear_site(model, module).sizes(model)
+        module_key = linear_site(model, module).path(layer)
         rank = _peft_pattern(options.get("rank_pattern"), module_key, r)
         expected = {"lora_A.weight": (rank, size_in), "lora_B.weight": (size_out, rank),
                     "lora_magnitude_vector": (size_out,)}
         for name, value in entry.items():
             if value.shape != expected[name]:
-                raise _mismatch(path, _key(layer, module, name), value.shape, expected[name])
+                raise _mismatch(path, _key(model, layer, module, name), value.shape,
+                                expected[name])
         # Explicit per-path patterns: jft and PEFT then agree whatever the key order.
         if rank != r:
             rank_pattern[re.escape(module_key)] = rank
@@ -370,7 +388,7 @@ def _lora_from_peft(options, tensors, base, model, path):
         dora=dora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     layers = {}
     for module, p in lora_method.plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         L, R = model.num_layers, p.max_rank
         a, b = np.zeros((L, math.prod(dims_in), R), np.float32), np.zeros((L, R, math.prod(
             dims_out)), np.float32)
@@ -382,8 +400,9 @@ def _lora_from_peft(options, tensors, base, model, path):
         layers[module] = {"a": a.reshape(L, *dims_in, R), "b": b.reshape(L, R, *dims_out)}
     if dora:  # untargeted layers keep the base's column norms, so DoRA leaves them alone
         for module, entry in layers.items():
-            in_axes = tuple(range(1, 1 + len(module_dims(model, module)[0])))
-            weight = jnp.asarray(base["layers"][module], jnp.float32)
+            site = linear_site(model, module)
+            in_axes = tuple(range(1, 1 + len(site.in_axes)))
+            weight = site.to_in_out(jnp.asarray(base["layers"][module], jnp.float32), lead=1)
             magnitude = np.array(jnp.sqrt(jnp.sum(jnp.square(weight), axis=in_axes)))
             for layer in np.flatnonzero(lora_method.plan(model, config)[module].ranks):
                 magnitude[layer] = grouped[module, int(layer)]["lora_magnitude_vector"].reshape(
@@ -400,22 +419,24 @@ def _ia3_from_peft(options, tensors, base, model, path):
     feedforward_spec = options.get("feedforward_modules") or []
     feedforward = set()
     for (module, layer), entry in grouped.items():
-        module_key = module_path(layer, module)
+        module_key = linear_site(model, module).path(layer)
         if isinstance(feedforward_spec, str):
             is_feedforward = re.fullmatch(feedforward_spec, module_key) is not None
         else:
             is_feedforward = any(module_key.endswith(t) for t in feedforward_spec)
-        dims_in, dims_out = module_dims(model, module)
-        expected = (1, math.prod(dims_in)) if is_feedforward else (math.prod(dims_out), 1)
+        size_in, size_out = linear_site(model, module).sizes(model)
+        expected = (1, size_in) if is_feedforward else (size_out, 1)
         if entry["ia3_l"].shape != expected:
-            raise _mismatch(path, _key(layer, module, "ia3_l"), entry["ia3_l"].shape, expected)
+            raise _mismatch(path, _key(model, layer, module, "ia3_l"), entry["ia3_l"].shape,
+                            expected)
         if is_feedforward:
             feedforward.add(module)
     config = ia3_method.IA3Config(targets=_jft_targets(set(grouped), model),
-                                  feedforward=tuple(m for m in LINEAR_MODULES if m in feedforward))
+                                  feedforward=tuple(s.name for s in linear_sites(model)
+                                                    if s.name in feedforward))
     layers = {}
     for module, p in ia3_method.plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         dims = dims_in if p.feedforward else dims_out
         scale = np.ones((model.num_layers, *dims), np.float32)
         for layer in np.flatnonzero(p.mask()):

@@ -13,6 +13,7 @@ from jft.errors import JftError
 from jft.models import gemma, gemma2, gemma3, llama, qwen2, qwen3
 from jft.models.checkpoint_fields import GGUFMetadata, HFConfig
 from jft.models.config import ModelConfig, RopeConfig
+from jft.models.sites import LinearSite, linear_sites
 from jft.models.transformer import (
     PARAM_AXES,
     forward,
@@ -28,6 +29,7 @@ FAMILIES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, gemma, gemma2, gemma3)
 __all__ = [
     "FAMILIES",
     "PARAM_AXES",
+    "LinearSite",
     "ModelConfig",
     "RopeConfig",
     "config_from_gguf",
@@ -35,6 +37,7 @@ __all__ = [
     "forward",
     "init_cache",
     "init_params",
+    "linear_sites",
     "output_logits",
     "param_axes",
     "param_shapes",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jft.models.config import ModelConfig
+from jft.models.sites import HF_LAYER, LinearSite, linear_sites
 
 Ranges = tuple[tuple[int, int], ...]  # [start, stop) per axis
 
@@ -93,25 +94,17 @@ def _same(*axes: str) -> Layout:
     return Layout(tuple((axis,) for axis in axes), axes)
 
 
-def _linear(out_axis: str, in_axis: str) -> Layout:
-    """[out, in] -> [in, out]."""
-    return Layout(((out_axis,), (in_axis,)), (in_axis, out_axis))
+def _linear_layout(site: LinearSite) -> Layout:
+    """A linear's weight: [out, in] in the checkpoint (heads with head_dim folded into
+    one axis) -> the site's layout, e.g. [N * H, D] -> [D, N, H] for q_proj."""
+    return Layout((site.out_axes, site.in_axes), site.weight_axes[1:])
 
 
-def _heads_out(heads: str) -> Layout:
-    """[heads * H, D] -> [D, heads, H]."""
-    return Layout(((heads, "head_dim"), ("embed",)), ("embed", heads, "head_dim"))
+def _bias_layout(site: LinearSite) -> Layout:
+    """[out] -> [*out], e.g. [N * H] -> [N, H]."""
+    return Layout((site.out_axes,), site.out_axes)
 
 
-def _heads_bias(heads: str) -> Layout:
-    """[heads * H] -> [heads, H]."""
-    return Layout(((heads, "head_dim"),), (heads, "head_dim"))
-
-
-# [D, N * H] -> [N, H, D]
-_O_PROJ = Layout((("embed",), ("heads", "head_dim")), ("heads", "head_dim", "embed"))
-
-_LAYER = "model.layers.{i}."
 _BLK = "blk.{i}."
 
 TOP_LEVEL: dict[str, TensorSource] = {
@@ -126,27 +119,20 @@ def layer_sources(config: ModelConfig) -> dict[str, TensorSource]:
     """The per-layer tensors of this config's family."""
 
     def src(hf, gguf, layout):
-        return TensorSource(_LAYER + hf, _BLK + gguf, layout)
+        return TensorSource(HF_LAYER + hf, _BLK + gguf, layout)
 
     embed = _same("embed")
+    sites = linear_sites(config)
+    linears = {site.name: src(f"{site.hf_path}.weight", f"{site.gguf}.weight",
+                              _linear_layout(site)) for site in sites}
+    biases = {site.bias: src(f"{site.hf_path}.bias", f"{site.gguf}.bias", _bias_layout(site))
+              for site in sites if site.bias is not None}
     sources = {
         "attn_norm": src("input_layernorm.weight", "attn_norm.weight", embed),
-        "q_proj": src("self_attn.q_proj.weight", "attn_q.weight", _heads_out("heads")),
-        "k_proj": src("self_attn.k_proj.weight", "attn_k.weight", _heads_out("kv_heads")),
-        "v_proj": src("self_attn.v_proj.weight", "attn_v.weight", _heads_out("kv_heads")),
-        "o_proj": src("self_attn.o_proj.weight", "attn_output.weight", _O_PROJ),
-        "q_bias": src("self_attn.q_proj.bias", "attn_q.bias", _heads_bias("heads")),
-        "k_bias": src("self_attn.k_proj.bias", "attn_k.bias", _heads_bias("kv_heads")),
-        "v_bias": src("self_attn.v_proj.bias", "attn_v.bias", _heads_bias("kv_heads")),
-        "o_bias": src("self_attn.o_proj.bias", "attn_output.bias", embed),
+        **linears,
+        **biases,
         "q_norm": src("self_attn.q_norm.weight", "attn_q_norm.weight", _same("head_dim")),
         "k_norm": src("self_attn.k_norm.weight", "attn_k_norm.weight", _same("head_dim")),
-        "gate_proj": src("mlp.gate_proj.weight", "ffn_gate.weight", _linear("mlp", "embed")),
-        "up_proj": src("mlp.up_proj.weight", "ffn_up.weight", _linear("mlp", "embed")),
-        "down_proj": src("mlp.down_proj.weight", "ffn_down.weight", _linear("embed", "mlp")),
-        "gate_bias": src("mlp.gate_proj.bias", "ffn_gate.bias", _same("mlp")),
-        "up_bias": src("mlp.up_proj.bias", "ffn_up.bias", _same("mlp")),
-        "down_bias": src("mlp.down_proj.bias", "ffn_down.bias", embed),
     }
     if config.post_norms:
         # Gemma 2/3 reuse HF's `post_attention_layernorm` name for the norm *after*

@@ -10,10 +10,14 @@ Params (every leaf under `layers` has a leading L axis, see `PARAM_AXES`):
             down_proj [L, F, D], and per family: q_bias [L, N, H], k_bias / v_bias
             [L, K, H], o_bias [L, D], gate_bias / up_bias [L, F], down_bias [L, D],
             q_norm / k_norm [L, H], post_attn_norm / post_mlp_norm [L, D].
+The linears (q/k/v/o, gate/up/down, their biases) are declared once, in `sites.py`;
+`PARAM_AXES` and `param_shapes` derive their entries from those declarations, and each
+is called as `hooks.linear(site, x, layer)`, through the adapters that wrap it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,59 +26,40 @@ import jax.numpy as jnp
 
 from jft.models import attention as attention_blocks
 from jft.models.config import ModelConfig
+from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_sites
 from jft.sharding.logical import constrain
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
 
+# Logical axes of every leaf; the linears' weights and biases come from their sites.
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
     "lm_head": ("vocab", "embed"),
     "final_norm": ("embed",),
     "attn_norm": ("layers", "embed"),
-    "q_proj": ("layers", "embed", "heads", "head_dim"),
-    "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
-    "o_proj": ("layers", "heads", "head_dim", "embed"),
-    "q_bias": ("layers", "heads", "head_dim"),
-    "k_bias": ("layers", "kv_heads", "head_dim"),
-    "v_bias": ("layers", "kv_heads", "head_dim"),
-    "o_bias": ("layers", "embed"),
     "q_norm": ("layers", "head_dim"),
     "k_norm": ("layers", "head_dim"),
     "post_attn_norm": ("layers", "embed"),
     "mlp_norm": ("layers", "embed"),
     "post_mlp_norm": ("layers", "embed"),
-    "gate_proj": ("layers", "embed", "mlp"),
-    "up_proj": ("layers", "embed", "mlp"),
-    "down_proj": ("layers", "mlp", "embed"),
-    "gate_bias": ("layers", "mlp"),
-    "up_bias": ("layers", "mlp"),
-    "down_bias": ("layers", "embed"),
+    **{site.name: site.weight_axes for site in TRANSFORMER_SITES},
+    **{site.bias: site.bias_axes for site in TRANSFORMER_SITES if site.bias},
 }
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
     """The params tree's shapes for this config (leaf = tuple of ints)."""
     c = config
-    n, k, h, d, f, L = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim, c.mlp_dim, c.num_layers
-    layers = {
-        "attn_norm": (L, d),
-        "q_proj": (L, d, n, h),
-        "k_proj": (L, d, k, h),
-        "v_proj": (L, d, k, h),
-        "o_proj": (L, n, h, d),
-        "mlp_norm": (L, d),
-        "gate_proj": (L, d, f),
-        "up_proj": (L, d, f),
-        "down_proj": (L, f, d),
-    }
-    if c.qkv_bias:
-        layers |= {"q_bias": (L, n, h), "k_bias": (L, k, h), "v_bias": (L, k, h)}
-    if c.o_bias:
-        layers["o_bias"] = (L, d)
-    if c.mlp_bias:
-        layers |= {"gate_bias": (L, f), "up_bias": (L, f), "down_bias": (L, d)}
+    d, h, L = c.embed_dim, c.head_dim, c.num_layers
+    sites = linear_sites(config)
+    layers = {"attn_norm": (L, d)}
+    for site in sites:  # each norm before the first linear of its sublayer
+        if site.hf_path.startswith("mlp.") and "mlp_norm" not in layers:
+            layers["mlp_norm"] = (L, d)
+        layers[site.name] = (L, *site.weight_shape(c))
+    layers.setdefault("mlp_norm", (L, d))
+    layers |= {s.bias: (L, *s.dims(c)[1]) for s in sites if s.has_bias(c)}
     if c.qk_norm:
         layers |= {"q_norm": (L, h), "k_norm": (L, h)}
     if c.post_norms:
@@ -85,10 +70,22 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
     return shapes
 
 
-def param_axes(params: Params) -> Params:
-    """The logical axis names of every leaf, as a tree shaped like `params`."""
+def logical_axes(config: ModelConfig | None = None) -> dict[str, tuple[str, ...]]:
+    """Leaf name -> logical axes: `PARAM_AXES`, with the linears this config's family
+    declares (`sites.linear_sites`) where it is given."""
+    if config is None:
+        return PARAM_AXES
+    sites = linear_sites(config)
+    return (PARAM_AXES | {site.name: site.weight_axes for site in sites}
+            | {site.bias: site.bias_axes for site in sites if site.bias is not None})
+
+
+def param_axes(params: Params, config: ModelConfig | None = None) -> Params:
+    """The logical axis names of every leaf, as a tree shaped like `params` (`config`:
+    for a family that declares linears of its own)."""
+    axes = logical_axes(config)
     return {
-        key: param_axes(value) if isinstance(value, dict) else PARAM_AXES[key]
+        key: param_axes(value, config) if isinstance(value, dict) else axes[key]
         for key, value in params.items()
     }
 
@@ -123,7 +120,7 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cach
 def forward(
     config: ModelConfig,
     params: Params,
-    tokens: jax.Array,
+    tokens: jax.Array | Sequence[Sequence[int]],
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: Cache | None = None,
@@ -134,6 +131,7 @@ def forward(
 ) -> jax.Array | tuple[jax.Array, Cache]:
     """Logits [B, T, V] in float32, plus the updated cache when one is given.
 
+    tokens [B, T]: token ids, as an array or nested Python lists.
     segment_ids [B, T]: packed examples (attention never crosses segments) and padding
     (segment 0). Positions default to restarting at 0 in each segment, or to continuing
     from the cache's write index.
@@ -147,6 +145,7 @@ def forward(
     return_hidden: return (final hidden states [B, T, D], output head [V, D]) instead of
     logits (no cache), for a loss that computes logits a chunk at a time.
     """
+    tokens = jnp.asarray(tokens, jnp.int32)  # [B, T]; nested Python lists too
     for adapter in adapters:
         params = adapter.impl.edit_params(params, adapter.delta, config, adapter.config)
     dtype = jnp.dtype(config.dtype)
@@ -245,32 +244,26 @@ def output_logits(config: ModelConfig, x: jax.Array, head: jax.Array) -> jax.Arr
 
 
 class LayerHooks:
-    """Routes one layer's linears through the adapters' hooks (a plain matmul without)."""
+    """One layer's view of the adapters: each linear goes through the adapters that wrap
+    it (a plain matmul without), params through their `edit_layer`."""
 
     def __init__(self, config: ModelConfig, index, adapters_and_deltas, rng=None,
                  prefix_visible=None):
         self.config, self.index, self.pairs, self.rng = config, index, adapters_and_deltas, rng
         self.prefix_visible = prefix_visible  # [T, P]: which prefix keys each query sees
 
-    def linear(self, module: str, x, layer, equation: str, bias: str | None = None):
-        dtype = x.dtype
-        for adapter, delta in self.pairs:
-            x = adapter.impl.linear_input(module, x, delta, self, adapter.config)
-        weight = layer[module].astype(dtype)
-        y = None
-        for adapter, delta in self.pairs:
-            if y is None:
-                y = adapter.impl.linear(module, x, weight, equation, adapter.delta, delta, self,
-                                        adapter.config)
-        if y is None:
-            y = jnp.einsum(equation, x, weight)
-        bias = layer[bias].astype(dtype) if bias is not None and bias in layer else None
-        if bias is not None:
-            y = y + bias
-        for adapter, delta in self.pairs:
-            y = adapter.impl.linear_output(module, x, y, weight, bias, delta, self,
-                                           adapter.config)
-        return y
+    def linear(self, site: LinearSite, x: jax.Array, layer) -> jax.Array:
+        """The linear at `site` on x [B, T, *in] -> [B, T, *out]: the base einsum plus its
+        bias, wrapped by every adapter that targets the site, in list order (adapters[0]
+        wraps the base linear, adapters[1] wraps that, ...), so stacking equals merging
+        them one after another in list order."""
+        bias = layer.get(site.bias) if site.bias is not None else None
+        pairs = tuple((adapter, delta) for adapter, delta in self.pairs
+                      if adapter.impl.wraps_linear(site, adapter.delta, delta, adapter.config))
+        return Linear(site, layer[site.name], bias, self, pairs)(x)
+
+    def without_dropout(self) -> LayerHooks:
+        return LayerHooks(self.config, self.index, self.pairs, None, self.prefix_visible)
 
     def edit_layer(self, layer):
         for adapter, delta in self.pairs:
@@ -288,14 +281,64 @@ class LayerHooks:
         return tuple(jnp.concatenate(parts, axis=0) for parts in zip(*prefixes, strict=True))
 
 
+class Linear:
+    """What an adapter's `linear` hook wraps: callable on x [B, T, *in] for y [B, T, *out].
+
+    `site` is the call site, `weight` and `bias` (None if absent) the base's, as stored in
+    the layer's params: a hook casts them to x's dtype. `is_plain`: this is the bare base
+    linear, einsum(site.equation, x, weight) + bias, which a fused kernel computing x W +
+    delta in one pass may replace. Otherwise it is the adapters `pairs` (innermost first)
+    wrapped around it, and `merged()` gives the weight and bias they apply.
+    """
+
+    def __init__(self, site: LinearSite, weight: jax.Array, bias: jax.Array | None,
+                 hooks: LayerHooks, pairs=()):
+        self.site, self.weight, self.bias = site, weight, bias
+        self.hooks, self.pairs = hooks, pairs
+
+    @property
+    def is_plain(self) -> bool:
+        return not self.pairs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.is_plain:
+            y = jnp.einsum(self.site.equation, x, self.weight.astype(x.dtype))
+            return y if self.bias is None else y + self.bias.astype(x.dtype)
+        adapter, delta = self.pairs[-1]
+        inner = Linear(self.site, self.weight, self.bias, self.hooks, self.pairs[:-1])
+        return adapter.impl.linear(self.site, x, inner, adapter.delta, delta, self.hooks,
+                                   adapter.config)
+
+    def merged(self) -> tuple[jax.Array, jax.Array]:
+        """(weight [*in, *out], bias [*out]) in float32 of this linear as one affine map,
+        without gradient: the base's for the plain linear; else measured by applying it,
+        dropout off, to zero and to every unit input (a matmul as large as the weight
+        itself: for DoRA stacked over other adapters)."""
+        dims_in, dims_out = self.site.dims(self.hooks.config)
+        if self.is_plain:
+            weight = self.site.to_in_out(self.weight.astype(jnp.float32))
+            bias = (jnp.zeros(dims_out, jnp.float32) if self.bias is None
+                    else self.bias.astype(jnp.float32))
+            return jax.lax.stop_gradient(weight), jax.lax.stop_gradient(bias)
+        quiet = Linear(self.site, self.weight, self.bias, self.hooks.without_dropout(),
+                       self.pairs)
+        size = math.prod(dims_in)
+        probes = jnp.concatenate([jnp.zeros((1, size)), jnp.eye(size)]).reshape(
+            1, size + 1, *dims_in)  # [B=1, T=1+in, *in]: zero, then each unit input
+        out = jax.lax.stop_gradient(quiet(probes).astype(jnp.float32))[0]  # [1 + in, *out]
+        bias = out[0]
+        return (out[1:] - bias).reshape(*dims_in, *dims_out), bias
+
+
 def _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
     """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
     dtype = x.dtype
+    sites = {site.name: site for site in linear_sites(config)}
     layer = hooks.edit_layer(layer)
     h = rms_norm(x, layer["attn_norm"], config)
-    q = hooks.linear("q_proj", h, layer, "BTD,DNH->BTNH", "q_bias")
-    k = hooks.linear("k_proj", h, layer, "BTD,DKH->BTKH", "k_bias")
-    v = hooks.linear("v_proj", h, layer, "BTD,DKH->BTKH", "v_bias")
+    q = hooks.linear(sites["q_proj"], h, layer)  # [B, T, N, H]
+    k = hooks.linear(sites["k_proj"], h, layer)  # [B, T, K, H]
+    v = hooks.linear(sites["v_proj"], h, layer)  # [B, T, K, H]
     if config.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], config), rms_norm(k, layer["k_norm"], config)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -319,16 +362,16 @@ def _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
         visible = jnp.broadcast_to(hooks.prefix_visible, (*mask.shape[:3], prefix[0].shape[0]))
         mask = jnp.concatenate([visible, mask], axis=-1)
     out = attention(q, k, v, mask, config)  # [B, T, N, H]
-    attn = hooks.linear("o_proj", out, layer, "BTNH,NHD->BTD", "o_bias")
+    attn = hooks.linear(sites["o_proj"], out, layer)  # [B, T, D]
     if config.post_norms:
         attn = rms_norm(attn, layer["post_attn_norm"], config)
     x = constrain(x + attn, ("batch", "seq", "embed"))
 
     h = rms_norm(x, layer["mlp_norm"], config)
-    gate = hooks.linear("gate_proj", h, layer, "BTD,DF->BTF", "gate_bias")
-    up = hooks.linear("up_proj", h, layer, "BTD,DF->BTF", "up_bias")
+    gate = hooks.linear(sites["gate_proj"], h, layer)  # [B, T, F]
+    up = hooks.linear(sites["up_proj"], h, layer)  # [B, T, F]
     hidden = constrain(_activation(gate, config) * up, ("batch", "seq", "mlp"))
-    mlp = hooks.linear("down_proj", hidden, layer, "BTF,FD->BTD", "down_bias")
+    mlp = hooks.linear(sites["down_proj"], hidden, layer)  # [B, T, D]
     if config.post_norms:
         mlp = rms_norm(mlp, layer["post_mlp_norm"], config)
     return constrain(x + mlp, ("batch", "seq", "embed")), new_cache

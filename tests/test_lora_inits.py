@@ -17,12 +17,12 @@ import torch
 from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
 from jft.models import forward
+from jft.models.sites import TRANSFORMER_SITES, linear_site
 from jft.peft import REGISTRY, Adapter, MethodBase, lora_inits, register
-from jft.peft.base import LINEAR_MODULES, module_dims
 from jft.peft.lora import LORA, LoraConfig, plan
 from tests.hf_reference import VOCAB, save_hf_model
 
-ALL = LINEAR_MODULES
+ALL = tuple(site.name for site in TRANSFORMER_SITES)
 _RNG = np.random.default_rng(0)
 # Two batches: plain rows, then packed rows with padding and a loss mask.
 # Plain rows, then two packed segments with padding and a loss mask. One row per batch
@@ -70,13 +70,13 @@ def _product(delta, model, config, module):
 
 def _matrix(weight, model, module):
     """One layer's [*in, *out] weight (or gradient) as a matrix [in, out]."""
-    dims_in, dims_out = module_dims(model, module)
+    dims_in, dims_out = linear_site(model, module).dims(model)
     return np.asarray(weight).reshape(math.prod(dims_in), math.prod(dims_out))
 
 
 def _factors(delta, model, module, layer):
     """One layer's a [*in, R] and b [R, *out] as matrices [in, R] and [R, out]."""
-    dims_in, dims_out = module_dims(model, module)
+    dims_in, dims_out = linear_site(model, module).dims(model)
     entry = delta["layers"][module]
     return (np.asarray(entry["a"][layer]).reshape(math.prod(dims_in), -1),
             np.asarray(entry["b"][layer]).reshape(-1, math.prod(dims_out)))
@@ -125,7 +125,7 @@ def _peft_factors(peft_model, model, module):
 
 def _peft_base(peft_model, model, module):
     """The (rewritten) base weights of PEFT's model in jft's layout [L, *in, *out]."""
-    dims_in, dims_out = module_dims(model, module)
+    dims_in, dims_out = linear_site(model, module).dims(model)
     return np.stack([
         _peft_layer(peft_model, module, layer).base_layer.weight.detach().numpy().T
         .reshape(*dims_in, *dims_out) for layer in range(model.num_layers)])
@@ -155,8 +155,9 @@ def test_pissa_scaled_product_is_the_truncated_svd_of_the_weight(llama, inits):
         for layer, r in enumerate(p.ranks):
             u, s, vt = np.linalg.svd(_matrix(base["layers"][module][layer], model, module))
             best = (u[:, :r] * s[:r]) @ vt[:r]
+            # Two float32 SVDs agree to rounding scaled by the largest singular value.
             np.testing.assert_allclose(_matrix(product[layer], model, module), best,
-                                       atol=1e-5, rtol=0, err_msg=f"{module} {layer}")
+                                       atol=1e-5 * s[0], rtol=0, err_msg=f"{module} {layer}")
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora_randomized_svd"])
@@ -181,7 +182,7 @@ def test_pissa_matches_peft_product_and_residual_weight(llama, inits):
         rank_pattern={LAYER1_Q: 2}))
     for module, p in plan(model, PISSA).items():
         a, b = _peft_factors(peft_model, model, module)
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         theirs = np.stack([(p.scales[i] * a[i] @ b[i]).reshape(*dims_in, *dims_out)
                            for i in range(model.num_layers)])
         np.testing.assert_allclose(_product(delta, model, PISSA, module), theirs,
@@ -215,9 +216,12 @@ class _Recorder(MethodBase):
     def __init__(self):
         self.inputs = defaultdict(list)
 
-    def linear_input(self, module, x, delta_layer, layer, config):
-        jax.debug.callback(partial(self._record, module), layer.index, x)
-        return x
+    def wraps_linear(self, site, delta, delta_layer, config):
+        return True
+
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
+        jax.debug.callback(partial(self._record, site.name), layer.index, x)
+        return inner(x)
 
     def _record(self, module, index, x):
         self.inputs[module, int(index)].append(np.asarray(x))
@@ -377,7 +381,7 @@ def test_corda_matches_peft_product_and_residual_weight(llama, inits, method):
     peft_model = get_peft_model(torch_model, peft_config)
     for module, p in plan(model, config).items():
         a, b = _peft_factors(peft_model, model, module)
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         theirs = np.stack([(p.scales[i] * a[i] @ b[i]).reshape(*dims_in, *dims_out)
                            for i in range(model.num_layers)])
         ours = _product(delta, model, config, module)
@@ -415,7 +419,7 @@ def test_loraga_factors_are_gradient_singular_vectors_per_direction_rule(
     # The gradient itself is checked against torch's below.
     gradients = lora_inits.loraga_gradients(base, model, config, CALIBRATION)
     for module, p in plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         stable = math.prod(dims_out) ** 0.25 / math.sqrt(16)
         for layer, r in enumerate(p.ranks):
             u, s, vt = np.linalg.svd(_matrix(gradients[module][layer], model, module))
@@ -460,7 +464,7 @@ def test_loraga_gradient_matches_torch_and_factors_match_peft_up_to_sign(llama):
     preprocess_loraga(torch_model, peft_config, train_step)
     ours = lora_inits.loraga_gradients(base, model, config, batches)
     for module in plan(model, config):
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         theirs = np.stack([
             torch_model.get_submodule(_hf_path(module, layer))._peft_loraga_grad.numpy().T
             .reshape(*dims_in, *dims_out) for layer in range(model.num_layers)])

@@ -30,6 +30,8 @@ def test_logits_match_transformers(pair):
     tokens = _tokens(2, 13)  # longer than the sliding windows of 5
     ours = np.asarray(forward(config, params, tokens))
     np.testing.assert_allclose(ours, hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
+    # Plain Python lists of token ids are accepted too.
+    np.testing.assert_array_equal(np.asarray(forward(config, params, tokens.tolist())), ours)
 
 
 def test_packed_segments_equal_separate_sequences(pair):

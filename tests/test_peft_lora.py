@@ -12,8 +12,8 @@ import torch
 
 from jft.errors import JftError
 from jft.models import forward
+from jft.models.sites import linear_site
 from jft.peft import Adapter, Targets
-from jft.peft.base import module_dims
 from jft.peft.lora import LORA, LoraConfig
 from tests.hf_reference import VOCAB, hf_logits
 
@@ -40,7 +40,7 @@ def _delta_from_peft(peft_model, model, config):
     state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
     layers = {}
     for module in config.targets.resolve(model):
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         prefix = "mlp." if module in ("gate_proj", "up_proj", "down_proj") else "self_attn."
         a, b, magnitude = [], [], []
         for i in range(model.num_layers):
@@ -105,7 +105,7 @@ def test_rank_pattern_and_layers_to_transform_follow_peft(llama):
     for module, prefix in (("q_proj", "self_attn."), ("down_proj", "mlp.")):
         entry = delta["layers"][module]
         a, b = np.zeros(entry["a"].shape, np.float32), np.zeros(entry["b"].shape, np.float32)
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         for i in (0, 2):
             path = f"base_model.model.model.layers.{i}.{prefix}{module}"
             lora_a = state[f"{path}.lora_A.default.weight"]

@@ -10,8 +10,8 @@ import pytest
 
 from jft.errors import JftError
 from jft.models import ModelConfig, RopeConfig, config_from_hf, forward, param_shapes
+from jft.models.sites import linear_site
 from jft.peft import Adapter, Targets, bitfit, full, ia3, norm_tuning, ssf
-from jft.peft.base import module_dims
 from tests.hf_reference import VOCAB, hf_logits, make_hf_model, random_params
 
 _logits = jax.jit(forward, static_argnums=0)
@@ -143,8 +143,9 @@ def test_bitfit_adds_zero_biases_to_a_model_without_biases():
     config = bitfit.BitFitConfig()
     delta = bitfit.BITFIT.init(KEY, params, model, config)
     assert {k: v.shape[1:] for k, v in delta["layers"].items()} == {
-        m: module_dims(model, m)[1] for m in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                              "gate_proj", "up_proj", "down_proj")}
+        m: linear_site(model, m).dims(model)[1] for m in ("q_proj", "k_proj", "v_proj",
+                                                          "o_proj", "gate_proj", "up_proj",
+                                                          "down_proj")}
     assert all(not np.asarray(v).any() for v in delta["layers"].values())
     merged = bitfit.BITFIT.merge(params, _randomised(delta), model, config)
     created = {"q_bias", "k_bias", "v_bias", "o_bias", "gate_bias", "up_bias", "down_bias"}
@@ -216,7 +217,7 @@ def _ia3_delta_from_peft(peft_model, model, config):
     state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
     layers = {}
     for module, p in ia3.plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
+        dims_in, dims_out = linear_site(model, module).dims(model)
         prefix = "mlp." if module in ("gate_proj", "up_proj", "down_proj") else "self_attn."
         dims = dims_in if p.feedforward else dims_out
         vectors = []

@@ -19,6 +19,8 @@ import torch
 from jft.config import wrap_accumulation
 from jft.errors import JftError
 from jft.models import ModelConfig, RopeConfig, forward
+from jft.models.sites import linear_site
+from jft.models.transformer import Linear
 from jft.peft import Adapter, create, s2ft
 from jft.peft.named import forward_per_row
 from jft.peft.optim import masked_optimizer
@@ -86,7 +88,7 @@ def _dense_weights(adapter, model, base_params):
         for module in modules:
             weight = np.array(base_params["layers"][module])
             block = np.asarray(adapter.delta["layers"][module])
-            axis = s2ft._unit_axis(module)
+            axis = s2ft._unit_axis(linear_site(model, module))
             for layer, ids in enumerate(units):
                 if module in ("q_proj", "o_proj"):
                     ids = (ids[:, None] * groups + np.arange(groups)).reshape(-1)
@@ -118,7 +120,7 @@ def test_partial_backprop_gradients_equal_dense_masked_autodiff(params):
     groups = MODEL.num_heads // MODEL.num_kv_heads
     for group, modules in adapter.config.groups().items():
         for module in modules:
-            axis = s2ft._unit_axis(module) - 1
+            axis = s2ft._unit_axis(linear_site(MODEL, module)) - 1
             for layer, ids in enumerate(_units(adapter, group)):
                 if module in ("q_proj", "o_proj"):
                     ids = (ids[:, None] * groups + np.arange(groups)).reshape(-1)
@@ -157,15 +159,16 @@ def test_backward_saves_only_what_the_block_gradient_needs(params, module):
                 "up_proj": "BTD,DF->BTF"}[module]
     x = jnp.asarray(np.random.default_rng(0).standard_normal(x_shape), jnp.float32)
 
+    site = linear_site(MODEL, module)
+
     def linear(x, block):  # the frozen matmul plus the S2FT branch, as the model runs it
-        y = jnp.einsum(equation, x, weight)
-        layer_delta = dict(delta_layer, **{module: block})
-        y = adapter.impl.linear_output(module, x, y, weight, None, layer_delta,
-                                       _Layer(MODEL, 0), adapter.config)
+        layer, layer_delta = _Layer(MODEL, 0), dict(delta_layer, **{module: block})
+        y = adapter.impl.linear(site, x, Linear(site, weight, None, layer), adapter.delta,
+                                layer_delta, layer, adapter.config)
         return jnp.sum(jnp.sin(y))
 
     shapes = _residual_shapes(linear, x, delta_layer[module])
-    slots = delta_layer[module].shape[s2ft._unit_axis(module) - 1]
+    slots = delta_layer[module].shape[s2ft._unit_axis(site) - 1]
     y_shape = jnp.einsum(equation, x, weight).shape
     if module == "up_proj":  # output side: dB = x^T dy needs the whole input
         needed = x_shape

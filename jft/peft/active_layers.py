@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jft.models import PARAM_AXES, param_axes
-from jft.peft.base import LINEAR_MODULES, MethodBase
+from jft.models import param_axes
+from jft.models.sites import site_names
+from jft.models.transformer import logical_axes
+from jft.peft.base import MethodBase
 
 # Top-level params a method may also train whole (LISA's embeddings, head, final norm).
 TOP_LEVEL = ("embed", "lm_head", "final_norm")
@@ -163,8 +165,9 @@ class ActiveLayersMethod(MethodBase):
 
     def edit_layer(self, layer_params, delta, delta_layer, layer, config):
         out = dict(layer_params)
+        linears = site_names(layer.config)
         for name, parked in delta_layer["parked"].items():
-            if name in LINEAR_MODULES or name not in delta["active"]:
+            if name in linears or name not in delta["active"]:
                 out[name] = parked  # linears: gated_matmul picks the weight (`linear`)
                 continue
             hit, slot = lookup(self.layers_of(delta, name), layer.index)
@@ -172,12 +175,21 @@ class ActiveLayersMethod(MethodBase):
             out[name] = jnp.where(hit, chosen, parked.astype(jnp.float32))
         return out
 
-    def linear(self, module, x, weight, equation, delta, delta_layer, layer, config):
-        if module not in delta["active"]:
-            return None
-        hit, slot = lookup(self.layers_of(delta, module), layer.index)
-        return gated_matmul(equation, x, delta_layer["parked"][module], delta["active"][module],
-                            hit, slot)
+    def wraps_linear(self, site, delta, delta_layer, config):
+        return site.name in delta["active"]
+
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
+        """Over the plain linear, the matmul with the layer's weight (its active copy on
+        active layers, differentiated there only). Stacked over other adapters, their
+        output plus x times this method's change of the weight (active - parked on active
+        layers): the parked weight is the base they wrap."""
+        hit, slot = lookup(self.layers_of(delta, site.name), layer.index)
+        parked = delta_layer["parked"][site.name]
+        y = gated_matmul(site.equation, x, parked, delta["active"][site.name], hit, slot)
+        if inner.is_plain:
+            return y if inner.bias is None else y + inner.bias.astype(x.dtype)
+        change = y - jnp.einsum(site.equation, x, parked.astype(x.dtype))
+        return inner(x) + jnp.where(hit, change, 0)
 
     def refresh_every(self, config):
         return config.interval_steps
@@ -192,8 +204,9 @@ class ActiveLayersMethod(MethodBase):
         # Parked weights and top-level copies shard exactly as the base would; an active
         # slot holds whichever layer is drawn, so its leading axis is not "layers".
         axes = param_axes({k: v for k, v in delta.items() if k in TOP_LEVEL})
-        axes["parked"] = param_axes(delta["parked"])
-        axes["active"] = {name: (None, *PARAM_AXES[name][1:]) for name in delta["active"]}
+        axes["parked"] = param_axes(delta["parked"], model)
+        names = logical_axes(model)
+        axes["active"] = {name: (None, *names[name][1:]) for name in delta["active"]}
         axes["active_layers"] = jax.tree.map(lambda _: (None,), delta["active_layers"])
         return axes
 

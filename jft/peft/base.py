@@ -21,15 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.models import PARAM_AXES, ModelConfig
+from jft.models import ModelConfig
+from jft.models.sites import LinearSite, linear_sites
 from jft.pallas_kernels import use_pallas
 from jft.sharding.logical import active_rules
-
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ATTENTION_MODULES = LINEAR_MODULES[:4]
-# HF module paths, so that PEFT users' regexes keep working.
-_MODULE_PATHS = {name: ("self_attn." if name in ATTENTION_MODULES else "mlp.") + name
-                 for name in LINEAR_MODULES}
 
 Delta = dict[str, Any]
 
@@ -40,6 +35,14 @@ class Method(Protocol):
     Hooks that run inside the layer scan get `layer`: the model's `LayerHooks`, whose
     `.config` is the ModelConfig, `.index` the (traced) layer index and `.rng` the
     dropout key (None when not training).
+
+    Linears: the model declares its call sites (`jft.models.sites.LinearSite`: name,
+    einsum, weight and bias keys, logical axes, HF path), and a method derives shapes,
+    einsums and axes from the site it is handed. At each site the base linear is wrapped
+    by every adapter whose `wraps_linear` is true, in list order: `adapters[0]` wraps
+    the base linear, `adapters[1]` wraps that, and so on. Each `linear` hook calls the
+    linear it wraps explicitly, so stacking equals merging the adapters into the base
+    one after another in list order (where their merges are exact).
     """
 
     name: ClassVar[str]
@@ -52,12 +55,18 @@ class Method(Protocol):
     def edit_params(self, params: dict, delta: Delta, model: ModelConfig, config: Any) -> dict:
         """Cheap whole-tree edits before the forward pass (biases, norms, full weights)."""
 
-    def linear_input(self, module: str, x: jax.Array, delta_layer: Delta, layer, config: Any):
-        """The input of a linear, before its matmul."""
+    def wraps_linear(self, site: LinearSite, delta: Delta, delta_layer: Delta,
+                     config: Any) -> bool:
+        """Whether this adapter's `linear` wraps the linear at `site` (static)."""
 
-    def linear_output(self, module: str, x: jax.Array, y: jax.Array, weight: jax.Array,
-                      bias: jax.Array | None, delta_layer: Delta, layer, config: Any):
-        """A linear's output `y` (its bias, if any, included) from its input `x`."""
+    def linear(self, site: LinearSite, x: jax.Array, inner: Any, delta: Delta,
+               delta_layer: Delta, layer, config: Any) -> jax.Array:
+        """The output [B, T, *out] at `site` for x [B, T, *in], computed by calling
+        `inner`, the linear this adapter wraps (`jft.models.transformer.Linear`:
+        `inner(x)`; `inner.is_plain` when it is the bare base linear, whose `weight` and
+        `bias` a fused kernel may then use directly; `inner.merged()` otherwise gives its
+        effective weight and bias). `delta` is the whole delta, `delta_layer` this
+        layer's slice."""
 
     def prompt_embeddings(self, delta: Delta, config: Any) -> jax.Array | None:
         """Virtual-token embeddings [P, D] prepended to the input, or None."""
@@ -73,11 +82,6 @@ class Method(Protocol):
                    config: Any) -> dict:
         """One layer's params inside the scan, before anything runs (LISA swaps its active
         layers in here). `delta` is the whole delta, `delta_layer` this layer's slice."""
-
-    def linear(self, module: str, x: jax.Array, weight: jax.Array, equation: str,
-               delta: Delta, delta_layer: Delta, layer, config: Any) -> jax.Array | None:
-        """The matmul `einsum(equation, x, weight)` done the method's way, or None for the
-        plain one (LISA and HFT differentiate the weight only on active layers)."""
 
     def optimizer_overrides(self, config: Any) -> dict[str, Any]:
         """optax transforms that replace the run's optimiser on the trainable delta leaves of
@@ -132,11 +136,11 @@ class MethodBase:
     def edit_params(self, params, delta, model, config):
         return params
 
-    def linear_input(self, module, x, delta_layer, layer, config):
-        return x
+    def wraps_linear(self, site, delta, delta_layer, config) -> bool:
+        return False
 
-    def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
-        return y
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
+        return inner(x)
 
     def prompt_embeddings(self, delta, config):
         return None
@@ -150,9 +154,6 @@ class MethodBase:
 
     def edit_layer(self, layer_params, delta, delta_layer, layer, config):
         return layer_params
-
-    def linear(self, module, x, weight, equation, delta, delta_layer, layer, config):
-        return None
 
     def optimizer_overrides(self, config):
         return {}
@@ -255,7 +256,7 @@ def combine(trainable: Sequence[Adapter], frozen: Sequence[Adapter]) -> list[Ada
 class Targets:
     """Which linears a method wraps, the PEFT way.
 
-    modules: module names (`q_proj`, ...), `"all-linear"`, or one regex string matched
+    modules: site names (`q_proj`, ...), `"all-linear"`, or one regex string matched
     (`re.fullmatch`) against HF module paths such as `model.layers.3.self_attn.q_proj`.
     layers: `layers_to_transform`, None for all.
     """
@@ -263,9 +264,8 @@ class Targets:
     modules: str | tuple[str, ...] = ("q_proj", "v_proj")
     layers: tuple[int, ...] | None = None
 
-    def resolve(self, model: ModelConfig, allowed: Sequence[str] = LINEAR_MODULES
-                ) -> dict[str, np.ndarray]:
-        """module -> bool [L]: the layers where that module is targeted. Raises if none."""
+    def resolve(self, model: ModelConfig) -> dict[str, np.ndarray]:
+        """site name -> bool [L]: the layers where that linear is targeted. Raises if none."""
         layers = range(model.num_layers)
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < model.num_layers]
@@ -273,32 +273,33 @@ class Targets:
                 raise JftError(f"layers_to_transform has {bad}; the model has layers "
                                f"0..{model.num_layers - 1}")
             layers = self.layers
+        sites = linear_sites(model)
+        names = [site.name for site in sites]
+        if isinstance(self.modules, tuple):
+            unknown = [m for m in self.modules if m not in names]
+            if unknown:
+                raise JftError(f"unknown target module {unknown[0]!r}; valid: "
+                               f"{', '.join(names)}, 'all-linear' or a regex")
         chosen: dict[str, np.ndarray] = {}
-        for module in allowed:
+        for site in sites:
             active = np.zeros(model.num_layers, bool)
             for i in layers:
-                active[i] = self._matches(module, i)
+                active[i] = self._matches(site, i)
             if active.any():
-                chosen[module] = active
+                chosen[site.name] = active
         if not chosen:
             raise JftError(
-                f"targets {self.modules!r} match no module; valid: {', '.join(allowed)}, "
+                f"targets {self.modules!r} match no module; valid: {', '.join(names)}, "
                 "'all-linear', or a regex over paths like 'model.layers.0.self_attn.q_proj'"
             )
         return chosen
 
-    def _matches(self, module: str, layer: int) -> bool:
+    def _matches(self, site: LinearSite, layer: int) -> bool:
         if self.modules == "all-linear":
             return True
         if isinstance(self.modules, str):
-            return re.fullmatch(self.modules, module_path(layer, module)) is not None
-        unknown = [m for m in self.modules if m not in LINEAR_MODULES]
-        if unknown:
-            raise JftError(
-                f"unknown target module {unknown[0]!r}; valid: {', '.join(LINEAR_MODULES)}, "
-                "'all-linear' or a regex"
-            )
-        return module in self.modules
+            return re.fullmatch(self.modules, site.path(layer)) is not None
+        return site.name in self.modules
 
 
 def as_targets(value) -> Targets:
@@ -306,25 +307,6 @@ def as_targets(value) -> Targets:
     if isinstance(value, Targets):
         return value
     return Targets(value if isinstance(value, str) else tuple(value))
-
-
-def module_path(layer: int, module: str) -> str:
-    """The module's HF path, e.g. `model.layers.3.self_attn.q_proj`."""
-    return f"model.layers.{layer}.{_MODULE_PATHS[module]}"
-
-
-def module_dims(model: ModelConfig, module: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(input dims, output dims) of a linear in jft's layout."""
-    d, f, h = model.embed_dim, model.mlp_dim, model.head_dim
-    return {
-        "q_proj": ((d,), (model.num_heads, h)),
-        "k_proj": ((d,), (model.num_kv_heads, h)),
-        "v_proj": ((d,), (model.num_kv_heads, h)),
-        "o_proj": ((model.num_heads, h), (d,)),
-        "gate_proj": ((d,), (f,)),
-        "up_proj": ((d,), (f,)),
-        "down_proj": ((f,), (d,)),
-    }[module]
 
 
 def use_kernel(kernel: str, model: ModelConfig) -> bool:
@@ -337,13 +319,6 @@ def use_kernel(kernel: str, model: ModelConfig) -> bool:
     if rules is not None and rules.mesh.size > 1:
         return False
     return use_pallas(kernel, model.kernels)
-
-
-def module_axes(module: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(input axes, output axes) of a linear's weight, as logical names (`PARAM_AXES`)."""
-    axes = PARAM_AXES[module][1:]  # without "layers"
-    inputs = 2 if module == "o_proj" else 1
-    return axes[:inputs], axes[inputs:]
 
 
 def numpy_rng(key: jax.Array) -> np.random.Generator:

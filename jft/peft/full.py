@@ -81,7 +81,7 @@ class Full(MethodBase):
         return select(base, config)
 
     def delta_axes(self, delta, model, config):
-        return param_axes(delta)  # the delta is a subtree of the base
+        return param_axes(delta, model)  # the delta is a subtree of the base
 
 
 FULL = register(Full())

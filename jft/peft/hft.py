@@ -30,14 +30,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
+from jft.models import ModelConfig
+from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_sites
 from jft.peft.active_layers import ActiveLayersMethod, gather, switch
-from jft.peft.base import ATTENTION_MODULES, numpy_rng, register
+from jft.peft.base import numpy_rng, register
 
-FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
-# Labels index ATTENTION_MODULES / FFN_MODULES after the round's relabelling. Over one
-# cycle of 6 layers each label appears 3 times, and every prefix is nearly balanced.
+# Labels index a category's linears (in declaration order) after the round's relabelling.
+# Over one cycle of 6 layers each label appears 3 times, and every prefix is nearly
+# balanced.
 ATTENTION_PATTERN = ((0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2))
 FFN_PATTERN = ((0, 1), (2,), (0, 2), (1,), (1, 2), (0,))
+
+
+def categories(sites: tuple[LinearSite, ...] = TRANSFORMER_SITES
+               ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """HFT's two categories of linears: attention's (under HF's `self_attn`) and the
+    FFN's (under `mlp`), whose sizes the patterns above are made for."""
+    attention = tuple(s.name for s in sites if s.hf_path.startswith("self_attn."))
+    ffn = tuple(s.name for s in sites if s.hf_path.startswith("mlp."))
+    if len(attention) != 4 or len(ffn) != 3:
+        raise JftError(f"hft's rounds are made for 4 attention and 3 FFN linears; this model "
+                       f"has {list(attention)} and {list(ffn)}")
+    return attention, ffn
+
+
+def model_categories(model: ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return categories(linear_sites(model))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +69,12 @@ class HftConfig:
 
 
 @cache
-def capacity(num_layers: int) -> dict[str, int]:
-    """Slots per module: the most layers any label gets in the first L pattern entries."""
+def capacity(num_layers: int, groups=None) -> dict[str, int]:
+    """Slots per module: the most layers any label gets in the first L pattern entries.
+    `groups`: the (attention, FFN) linears, the transformer's by default."""
+    attention, ffn = groups or categories()
     out = {}
-    for modules, pattern in ((ATTENTION_MODULES, ATTENTION_PATTERN), (FFN_MODULES, FFN_PATTERN)):
+    for modules, pattern in ((attention, ATTENTION_PATTERN), (ffn, FFN_PATTERN)):
         counts = np.zeros(len(modules), int)
         for i in range(num_layers):
             counts[list(pattern[i % len(pattern)])] += 1
@@ -62,19 +82,22 @@ def capacity(num_layers: int) -> dict[str, int]:
     return out
 
 
-def select_round(key, num_layers: int) -> dict[str, jnp.ndarray]:
-    """{linear: int32 [cap]}: the sorted layers where it trains this round, -1 padded."""
+def select_round(key, num_layers: int, groups=None) -> dict[str, jnp.ndarray]:
+    """{linear: int32 [cap]}: the sorted layers where it trains this round, -1 padded.
+    `groups`: the (attention, FFN) linears, the transformer's by default."""
+    groups = groups or categories()
+    attention, ffn = groups
     rng = numpy_rng(key)
     order = rng.permutation(num_layers)
     chosen: dict[str, list[int]] = {}
-    for modules, pattern in ((ATTENTION_MODULES, ATTENTION_PATTERN), (FFN_MODULES, FFN_PATTERN)):
+    for modules, pattern in ((attention, ATTENTION_PATTERN), (ffn, FFN_PATTERN)):
         relabel = [modules[j] for j in rng.permutation(len(modules))]
         for position, layer in enumerate(order):
             for label in pattern[position % len(pattern)]:
                 chosen.setdefault(relabel[label], []).append(int(layer))
-    cap = capacity(num_layers)
+    cap = capacity(num_layers, groups)
     out = {}
-    for module in (*ATTENTION_MODULES, *FFN_MODULES):
+    for module in (*attention, *ffn):
         layers = sorted(chosen.get(module, []))
         out[module] = jnp.asarray(layers + [-1] * (cap[module] - len(layers)), jnp.int32)
     return out
@@ -85,7 +108,7 @@ class Hft(ActiveLayersMethod):
     Config = HftConfig
 
     def init(self, key, base, model, config, calibration_batches=None):
-        layers = select_round(key, model.num_layers)
+        layers = select_round(key, model.num_layers, model_categories(model))
         parked = {m: base["layers"][m] for m in layers}
         return {
             "parked": parked,
@@ -94,7 +117,7 @@ class Hft(ActiveLayersMethod):
         }
 
     def refresh(self, delta, step, total_steps, key, model, config):
-        return switch(delta, select_round(key, model.num_layers))
+        return switch(delta, select_round(key, model.num_layers, model_categories(model)))
 
 
 HFT = register(Hft())

@@ -8,6 +8,9 @@ PEFT's defaults for Llama: targets k_proj, v_proj, down_proj, feedforward down_p
 The delta: `layers[module]` [L, *in] (feedforward) or [L, *out] (otherwise), in jft's
 head-split layout. Layers a module is not targeted on keep a scale of exactly one
 (masked in the forward, so they get no gradient and do not count as trainable).
+
+Stacked over other adapters, the input scaling applies to what the linear they form
+reads and the output scaling to what it returns: merging in list order folds the same.
 """
 
 from __future__ import annotations
@@ -22,17 +25,8 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import ModelConfig
-from jft.peft.base import (
-    LINEAR_MODULES,
-    MethodBase,
-    Targets,
-    as_targets,
-    layer_mask,
-    module_axes,
-    module_dims,
-    module_path,
-    register,
-)
+from jft.models.sites import declared_sites, linear_site
+from jft.peft.base import MethodBase, Targets, as_targets, layer_mask, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +43,12 @@ class IA3Config:
         if isinstance(self.feedforward, list):
             object.__setattr__(self, "feedforward", tuple(self.feedforward))
         if isinstance(self.feedforward, tuple):
-            unknown = [m for m in self.feedforward if m not in LINEAR_MODULES]
+            # Checked before there is a model: against every declared site.
+            names = [site.name for site in declared_sites()]
+            unknown = [m for m in self.feedforward if m not in names]
             if unknown:
                 raise JftError(f"unknown ia3 feedforward module {unknown[0]!r}; valid: "
-                               f"{', '.join(LINEAR_MODULES)} or a regex")
+                               f"{', '.join(names)} or a regex")
             modules = self.targets.modules
             if isinstance(modules, tuple) and not set(self.feedforward) <= set(modules):
                 extra = sorted(set(self.feedforward) - set(modules))
@@ -69,8 +65,8 @@ class ModulePlan:
         return np.asarray(self.active)
 
 
-def _is_feedforward(config: IA3Config, module: str, layer: int) -> bool:
-    path = module_path(layer, module)
+def _is_feedforward(config: IA3Config, model: ModelConfig, module: str, layer: int) -> bool:
+    path = linear_site(model, module).path(layer)
     if isinstance(config.feedforward, str):
         return re.fullmatch(config.feedforward, path) is not None
     return any(path.endswith(name) for name in config.feedforward)
@@ -81,7 +77,8 @@ def plan(model: ModelConfig, config: IA3Config) -> dict[str, ModulePlan]:
     """Targeted modules, the layers they are targeted on, and which side they scale."""
     plans = {}
     for module, active in config.targets.resolve(model).items():
-        kinds = {_is_feedforward(config, module, i) for i in range(model.num_layers) if active[i]}
+        kinds = {_is_feedforward(config, model, module, i)
+                 for i in range(model.num_layers) if active[i]}
         if len(kinds) > 1:
             raise JftError(f"ia3 feedforward {config.feedforward!r} matches {module} on some "
                            "targeted layers but not others; it must match all or none")
@@ -90,7 +87,7 @@ def plan(model: ModelConfig, config: IA3Config) -> dict[str, ModulePlan]:
 
 
 def _dims(model: ModelConfig, module: str, p: ModulePlan) -> tuple[int, ...]:
-    dims_in, dims_out = module_dims(model, module)
+    dims_in, dims_out = linear_site(model, module).dims(model)
     return dims_in if p.feedforward else dims_out
 
 
@@ -117,20 +114,14 @@ class Ia3(MethodBase):
         scale = delta_layer[module].astype(jnp.float32)
         return p, jnp.where(on, scale, 1.0)
 
-    def linear_input(self, module, x, delta_layer, layer, config):
-        if module not in delta_layer:
-            return x
-        p, scale = self._layer_scale(module, delta_layer, layer, config)
-        if not p.feedforward:
-            return x
-        return (x.astype(jnp.float32) * scale).astype(x.dtype)
+    def wraps_linear(self, site, delta, delta_layer, config):
+        return site.name in delta_layer
 
-    def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
-        if module not in delta_layer:
-            return y
-        p, scale = self._layer_scale(module, delta_layer, layer, config)
-        if p.feedforward:
-            return y
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
+        p, scale = self._layer_scale(site.name, delta_layer, layer, config)
+        if p.feedforward:  # scales what the wrapped linear reads
+            return inner((x.astype(jnp.float32) * scale).astype(x.dtype))
+        y = inner(x)
         return (y.astype(jnp.float32) * scale).astype(y.dtype)
 
     def merge(self, base, delta, model, config):
@@ -148,15 +139,18 @@ class Ia3(MethodBase):
 
     def delta_axes(self, delta, model, config):
         plans = plan(model, config)
-        return {"layers": {m: ("layers", *module_axes(m)[0 if plans[m].feedforward else 1])
-                           for m in delta["layers"]}}
+        axes = {m: linear_site(model, m) for m in delta["layers"]}
+        return {"layers": {m: ("layers", *(site.in_axes if plans[m].feedforward
+                                           else site.out_axes))
+                           for m, site in axes.items()}}
 
 
 def _fold(base, delta, model, config, invert: bool):
     """W * l on the scaled side (and the bias, for output scaling); / l to undo."""
     layers = dict(base["layers"])
     for module, p in plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
+        site = linear_site(model, module)
+        dims_in, dims_out = site.dims(model)
         scale = _effective(delta["layers"][module], p.mask())  # [L, *side]
         if invert:
             scale = 1.0 / scale
@@ -165,11 +159,11 @@ def _fold(base, delta, model, config, invert: bool):
         else:
             shape = (model.num_layers, *([1] * len(dims_in)), *dims_out)
         weight = base["layers"][module]
-        layers[module] = (weight.astype(jnp.float32) * scale.reshape(shape)).astype(weight.dtype)
-        bias_name = module.replace("_proj", "_bias")
-        if not p.feedforward and bias_name in layers:
-            bias = layers[bias_name]
-            layers[bias_name] = (bias.astype(jnp.float32) * scale).astype(bias.dtype)
+        scaled = site.to_in_out(weight.astype(jnp.float32), lead=1) * scale.reshape(shape)
+        layers[module] = site.from_in_out(scaled, lead=1).astype(weight.dtype)
+        if not p.feedforward and site.bias in layers:
+            bias = layers[site.bias]
+            layers[site.bias] = (bias.astype(jnp.float32) * scale).astype(bias.dtype)
     return dict(base, layers=layers)
 
 

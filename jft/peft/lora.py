@@ -10,6 +10,10 @@ with std 1/r, zero B) live here; the data-driven ones (PiSSA, EVA, CorDA, LoRA-G
 in `lora_inits.py`. An init that rewrites the base (PiSSA, CorDA, LoRA-GA) leaves it
 alone: the delta records the initial factors as `init_a` / `init_b` (not trainable), and
 `rebase` gives W - s A0 B0, so that merge and export stay exact.
+
+In a stack of adapters LoRA adds s (x A) B to the output of the linear it wraps; over
+the plain base linear that is one fused kernel under `kernels: pallas`. DoRA rescales
+the weight of what it wraps (`_dora`), so stacking always equals merging in list order.
 """
 
 from __future__ import annotations
@@ -26,17 +30,8 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import ModelConfig
-from jft.peft.base import (
-    LINEAR_MODULES,
-    MethodBase,
-    Targets,
-    as_targets,
-    module_axes,
-    module_dims,
-    module_path,
-    register,
-    use_kernel,
-)
+from jft.models.sites import LinearSite, linear_site, site_index
+from jft.peft.base import MethodBase, Targets, as_targets, register, use_kernel
 
 INITS = ("default", "gaussian", "pissa", "eva", "corda", "loraga")
 
@@ -91,12 +86,13 @@ def plan(model: ModelConfig, config: LoraConfig) -> dict[str, ModulePlan]:
     """Targeted modules with per-layer ranks and scales, checked against the model."""
     plans = {}
     for module, active in config.targets.resolve(model).items():
+        site = linear_site(model, module)
         ranks, scales = [], []
         for layer in range(model.num_layers):
-            path = module_path(layer, module)
+            path = site.path(layer)
             r = _pattern_value(config.rank_pattern, path, module, config.r) if active[layer] else 0
             alpha = _pattern_value(config.alpha_pattern, path, module, config.alpha)
-            limit = min(math.prod(d) for d in module_dims(model, module))
+            limit = min(site.sizes(model))
             if r > limit:
                 raise JftError(f"lora rank {r} for {path} exceeds its smaller dimension {limit}")
             ranks.append(r)
@@ -111,16 +107,6 @@ def _pattern_value(pattern, path: str, module: str, default):
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
-
-
-def _einsum_in(module: str) -> str:
-    return "BTNH,NHr->BTr" if module == "o_proj" else "BTD,Dr->BTr"
-
-
-def _einsum_out(module: str) -> str:
-    return {"q_proj": "BTr,rNH->BTNH", "k_proj": "BTr,rNH->BTNH", "v_proj": "BTr,rNH->BTNH"}.get(
-        module, "BTr,rD->BTD"
-    )
 
 
 def low_rank_product(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -140,7 +126,8 @@ class Lora(MethodBase):
         layers = {}
         for module, p in plan(model, config).items():
             key, a_key = jax.random.split(key)
-            dims_in, dims_out = module_dims(model, module)
+            site = linear_site(model, module)
+            dims_in, dims_out = site.dims(model)
             shape_a = (model.num_layers, *dims_in, p.max_rank)
             if config.init == "gaussian":
                 a = jax.random.normal(a_key, shape_a) / config.r
@@ -150,58 +137,35 @@ class Lora(MethodBase):
             a = a * _broadcast(p.rank_mask(), len(dims_in))
             entry = {"a": a, "b": jnp.zeros((model.num_layers, p.max_rank, *dims_out))}
             if config.dora:
-                entry["magnitude"] = _column_norm(base["layers"][module], len(dims_in))
+                entry["magnitude"] = _column_norm(site, base["layers"][module])
             layers[module] = entry
         return {"layers": layers}
 
-    def linear(self, module, x, weight, equation, delta, delta_layer, layer, config):
-        if not _fused(module, delta_layer, layer, config):
-            return None
-        from jft.pallas_kernels.lora_linear import lora_linear
+    def wraps_linear(self, site, delta, delta_layer, config):
+        return site.name in delta_layer
 
-        p = plan(layer.config, config)[module]
-        entry = delta_layer[module]
-        dims_in, dims_out = module_dims(layer.config, module)
-        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
-        lead = x.shape[:x.ndim - len(dims_in)]
-        mask = jnp.asarray(p.rank_mask(), x.dtype)[layer.index]
-        a = entry["a"].astype(x.dtype).reshape(size_in, -1) * mask
-        b = entry["b"].astype(x.dtype).reshape(-1, size_out)
-        scale = jnp.asarray(p.scales, jnp.float32)[layer.index]
-        y = lora_linear(x.reshape(*lead, size_in), weight.reshape(size_in, size_out), a, b,
-                        scale)
-        return y.reshape(*lead, *dims_out)
-
-    def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
-        if module not in delta_layer or _fused(module, delta_layer, layer, config):
-            return y
-        p = plan(layer.config, config)[module]
-        entry = delta_layer[module]
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
+        p = plan(layer.config, config)[site.name]
+        entry = delta_layer[site.name]
+        dropout = bool(config.dropout and layer.rng is not None)
+        if inner.is_plain and _fused(layer, config):
+            return _fused_linear(site, x, inner, entry, p, layer)
+        y = inner(x)
         a, b = entry["a"].astype(x.dtype), entry["b"].astype(x.dtype)
         scale = jnp.asarray(p.scales, x.dtype)[layer.index]
-        dropout = bool(config.dropout and layer.rng is not None)
+        x_in = x
         if dropout:
-            key = jax.random.fold_in(layer.rng, LINEAR_MODULES.index(module))
+            key = jax.random.fold_in(layer.rng, site_index(layer.config, site))
             keep = jax.random.bernoulli(key, 1.0 - config.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
-        xa = jnp.einsum(_einsum_in(module), x, a)
+            x_in = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
+        shrink, expand = site.low_rank_equations()
+        xa = jnp.einsum(shrink, x_in, a)  # [B, T, r]
         xa = xa * jnp.asarray(p.rank_mask(), x.dtype)[layer.index]
-        lora = jnp.einsum(_einsum_out(module), xa, b) * scale
+        lora = jnp.einsum(expand, xa, b) * scale  # [B, T, *out]
         if not config.dora:
             return y + lora
-        # DoRA, as PEFT computes it: the norm of W + s A B is a constant (detached).
-        in_axes = len(module_dims(layer.config, module)[0])
-        combined = weight.astype(jnp.float32) + scale * low_rank_product(a, b).astype(jnp.float32)
-        norm = jax.lax.stop_gradient(_column_norm(combined, in_axes, stacked=False))
-        ratio = (entry["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
-        # Untargeted layers (layers_to_transform) keep W as is, as merge does.
-        ratio = jnp.where(jnp.asarray([r > 0 for r in p.ranks])[layer.index], ratio, 1)
-        if dropout or len(layer.pairs) > 1:
-            # PEFT rescales x W of the dropped-out x; another adapter may have edited y.
-            base = jnp.einsum(_einsum_base(module), x, weight)
-        else:  # y is x W (+ bias): reusing it spares a weight-sized matmul and its gradient
-            base = y if bias is None else y - bias
-        return y + (ratio - 1) * base + ratio * lora
+        ratio, wx = _dora(site, x, x_in, y, inner, entry, p, a, b, scale, dropout, layer)
+        return y + (ratio - 1) * wx + ratio * lora
 
     def init_with_config(self, key, base, model, config, calibration_batches=None):
         if config.init == "eva":  # EVA's rank redistribution settles per-layer ranks
@@ -237,8 +201,7 @@ class Lora(MethodBase):
     def num_params(self, delta, model, config):
         total = 0
         for module, p in plan(model, config).items():
-            dims_in, dims_out = module_dims(model, module)
-            size_in, size_out = math.prod(dims_in), math.prod(dims_out)
+            size_in, size_out = linear_site(model, module).sizes(model)
             total += sum(r * (size_in + size_out) for r in p.ranks)
             if config.dora:
                 total += size_out * sum(r > 0 for r in p.ranks)
@@ -249,8 +212,8 @@ class Lora(MethodBase):
         for module, entry in delta["layers"].items():
             entry = dict(entry, b=jnp.zeros_like(entry["b"]))  # init_a / init_b are kept
             if "magnitude" in entry:
-                in_axes = len(module_dims(model, module)[0])
-                entry["magnitude"] = _column_norm(base["layers"][module], in_axes)
+                entry["magnitude"] = _column_norm(linear_site(model, module),
+                                                  base["layers"][module])
             layers[module] = entry
         return {"layers": layers}
 
@@ -259,33 +222,78 @@ class Lora(MethodBase):
         # columns; the rank is small and stays replicated.
         layers = {}
         for module, entry in delta["layers"].items():
-            axes_in, axes_out = module_axes(module)
-            a, b = ("layers", *axes_in, None), ("layers", None, *axes_out)
+            site = linear_site(model, module)
+            a, b = ("layers", *site.in_axes, None), ("layers", None, *site.out_axes)
             by_name = {"a": a, "init_a": a, "b": b, "init_b": b,
-                       "magnitude": ("layers", *axes_out)}
+                       "magnitude": site.bias_axes}
             layers[module] = {name: by_name[name] for name in entry}
         return {"layers": layers}
 
 
-def _fused(module, delta_layer, layer, config) -> bool:
-    """Whether this module's LoRA runs as the fused kernel (`kernels`), which covers
-    plain LoRA and rsLoRA: DoRA's rescaling and active dropout take the XLA path."""
-    return (module in delta_layer and not config.dora
-            and not (config.dropout and layer.rng is not None)
+def _fused(layer, config) -> bool:
+    """Whether LoRA runs as the fused kernel (`kernels`) over a plain linear: plain LoRA and
+    rsLoRA; DoRA's rescaling and active dropout take the XLA path."""
+    return (not config.dora and not (config.dropout and layer.rng is not None)
             and use_kernel("lora_linear", layer.config))
 
 
-def _einsum_base(module: str) -> str:
-    return {"q_proj": "BTD,DNH->BTNH", "k_proj": "BTD,DNH->BTNH", "v_proj": "BTD,DNH->BTNH",
-            "o_proj": "BTNH,NHD->BTD", "down_proj": "BTF,FD->BTD"}.get(module, "BTD,DF->BTF")
+def _fused_linear(site, x, inner, entry, p, layer):
+    """x W + s (x A) B + bias in the fused kernel, over the site's weight as a matrix."""
+    from jft.pallas_kernels.lora_linear import lora_linear
+
+    dims_in, dims_out = site.dims(layer.config)
+    size_in, size_out = site.sizes(layer.config)
+    lead = x.shape[:x.ndim - len(dims_in)]
+    mask = jnp.asarray(p.rank_mask(), x.dtype)[layer.index]
+    a = entry["a"].astype(x.dtype).reshape(size_in, -1) * mask
+    b = entry["b"].astype(x.dtype).reshape(-1, size_out)
+    scale = jnp.asarray(p.scales, jnp.float32)[layer.index]
+    weight = site.to_in_out(inner.weight.astype(x.dtype)).reshape(size_in, size_out)
+    y = lora_linear(x.reshape(*lead, size_in), weight, a, b, scale).reshape(*lead, *dims_out)
+    return y if inner.bias is None else y + inner.bias.astype(x.dtype)
 
 
-def _column_norm(weight: jax.Array, in_axes: int, stacked: bool = True) -> jax.Array:
-    """L2 norm over the input axes of a [L, *in, *out] (or unstacked [*in, *out]) weight:
-    one value per output feature, as DoRA's magnitude."""
-    lead = 1 if stacked else 0
-    axes = tuple(range(lead, lead + in_axes))
-    return jnp.sqrt(jnp.sum(jnp.square(weight.astype(jnp.float32)), axis=axes))
+def _dora(site, x, x_in, y, inner, entry, p, a, b, scale, dropout, layer):
+    """(ratio [*out], x W [B, T, *out]) of DoRA over the linear y = inner(x) it wraps.
+
+    DoRA replaces the weight W it wraps by ratio (W + s A B), ratio = m / |W + s A B|
+    (norms per output feature over the inputs, detached, as PEFT computes them), and keeps
+    the bias: y + (ratio - 1) x W + ratio s (x A) B. Over the plain base linear W is the
+    base weight; stacked over other adapters it is the weight they apply together
+    (`inner.merged()`), so stacking equals merging them first and DoRA after. x W is
+    y less the bias (PEFT's dropout takes x W of the dropped-out input instead, over the
+    plain linear; stacked, the wrapped output is rescaled as computed).
+    """
+    if inner.is_plain:
+        weight = site.to_in_out(inner.weight.astype(x.dtype)).astype(jnp.float32)
+    else:
+        weight, _ = inner.merged()
+    combined = weight + scale.astype(jnp.float32) * low_rank_product(a, b).astype(jnp.float32)
+    norm = jax.lax.stop_gradient(_in_out_column_norm(combined, len(site.in_axes)))
+    ratio = (entry["magnitude"].astype(jnp.float32) / norm).astype(x.dtype)
+    # Untargeted layers (layers_to_transform) keep W as is, as merge does.
+    ratio = jnp.where(jnp.asarray([r > 0 for r in p.ranks])[layer.index], ratio, 1)
+    if inner.is_plain and dropout:
+        wx = jnp.einsum(site.equation, x_in, inner.weight.astype(x.dtype))
+    elif inner.is_plain:  # reusing y spares a weight-sized matmul and its gradient
+        wx = y if inner.bias is None else y - inner.bias.astype(x.dtype)
+    else:  # y less what the wrapped adapters give for x = 0: their bias
+        zero = jnp.zeros((1,) * len(site.lead) + x.shape[len(site.lead):], x.dtype)
+        wx = y - inner(zero)
+    return ratio, wx
+
+
+def _column_norm(site: LinearSite, weight: jax.Array) -> jax.Array:
+    """DoRA's magnitude of a stacked weight [L, ...]: per output feature [L, *out], the L2
+    norm over the inputs."""
+    weight = site.to_in_out(weight.astype(jnp.float32), lead=1)
+    axes = tuple(range(1, 1 + len(site.in_axes)))
+    return jnp.sqrt(jnp.sum(jnp.square(weight), axis=axes))
+
+
+def _in_out_column_norm(weight: jax.Array, in_axes: int) -> jax.Array:
+    """The same for one layer's weight in the in-out layout [*in, *out]."""
+    return jnp.sqrt(jnp.sum(jnp.square(weight.astype(jnp.float32)), axis=tuple(range(in_axes))))
 
 
 def _broadcast(mask: np.ndarray, in_axes: int) -> jax.Array:
@@ -296,21 +304,22 @@ def _broadcast(mask: np.ndarray, in_axes: int) -> jax.Array:
 def _fold(base, delta, model, config, sign):
     layers = dict(base["layers"])
     for module, p in plan(model, config).items():
+        site = linear_site(model, module)
+        in_axes = len(site.in_axes)
         entry = delta["layers"][module]
-        in_axes = len(module_dims(model, module)[0])
         a = entry["a"].astype(jnp.float32) * _broadcast(p.rank_mask(), in_axes)
         product = jax.vmap(low_rank_product)(a, entry["b"].astype(jnp.float32))
         scales = jnp.asarray(p.scales, jnp.float32).reshape(-1, *([1] * (product.ndim - 1)))
-        weight = base["layers"][module].astype(jnp.float32)
-        combined = weight + sign * scales * product
+        weight = site.to_in_out(base["layers"][module].astype(jnp.float32), lead=1)
+        combined = weight + sign * scales * product  # [L, *in, *out]
         if config.dora:
-            norm = _column_norm(combined, in_axes)  # DoRA rescales each output column
-            ratio = entry["magnitude"].astype(jnp.float32) / norm
+            norm = jnp.sqrt(jnp.sum(jnp.square(combined), axis=tuple(range(1, 1 + in_axes))))
+            ratio = entry["magnitude"].astype(jnp.float32) / norm  # rescales each output
             active = jnp.asarray([r > 0 for r in p.ranks]).reshape(-1, *([1] * (ratio.ndim - 1)))
             ratio = jnp.where(active, ratio, 1.0)
             combined = combined * ratio.reshape(ratio.shape[0], *([1] * in_axes),
                                                 *ratio.shape[1:])
-        layers[module] = combined.astype(base["layers"][module].dtype)
+        layers[module] = site.from_in_out(combined, lead=1).astype(base["layers"][module].dtype)
     return dict(base, layers=layers)
 
 

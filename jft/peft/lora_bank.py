@@ -5,13 +5,13 @@ general path vmaps the whole forward over rows, which serves any method but make
 row its own forward and needs every entry to share one config. When each entry is one
 plain LoRA (or rsLoRA) adapter, `forward_lora_bank` runs ONE forward over the whole batch
 instead: each targeted linear computes the base x @ W for all rows at once, and a private
-method's `linear_output` adds every row's own low-rank delta s_g (x A_g) B_g, g being the
+method's `linear` adds every row's own low-rank delta s_g (x A_g) B_g, g being the
 row's adapter (-1: none, the bare base). Ranks, alphas, rank/alpha patterns, rsLoRA,
 targets and layers_to_transform may differ between the adapters.
 
 The bank's delta, stacked once per call outside the layer scan: per module targeted by
 any adapter, a [L, G, K, R] and b [L, G, R, N] (the module's input and output dims
-flattened to K and N, see `module_dims`; G adapters after the layer axis, so the scan
+flattened to K and N, see `LinearSite.sizes`; G adapters after the layer axis, so the scan
 slices one layer of all of them), and scales [L, G] from each adapter's `lora.plan`. R is
 the largest rank any adapter gives the module; smaller ranks are zero-padded and `a` is
 multiplied by each adapter's rank mask, as LoRA's own forward masks it, so padding,
@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.models import ModelConfig, forward
-from jft.peft.base import LINEAR_MODULES, Adapter, MethodBase, module_dims, use_kernel
+from jft.models.sites import linear_sites
+from jft.peft.base import Adapter, MethodBase, use_kernel
 from jft.peft.lora import plan
 
 
@@ -120,11 +121,13 @@ class LoraBank(MethodBase):
                                delta["routing"])
         return {"modules": delta["layers"], "routing": routing}
 
-    def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
-        factors = delta_layer["modules"].get(module)
-        if factors is None:
-            return y
-        dims_in, dims_out = module_dims(layer.config, module)
+    def wraps_linear(self, site, delta, delta_layer, config):
+        return site.name in delta_layer["modules"]
+
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
+        y = inner(x)
+        factors = delta_layer["modules"][site.name]
+        dims_in, dims_out = site.dims(layer.config)
         batch, length = x.shape[:2]
         x = x.reshape(batch, length, math.prod(dims_in))
         a, b, scales = factors["a"], factors["b"], factors["scales"]
@@ -174,12 +177,12 @@ def _stack(model: ModelConfig, loras: Sequence[Adapter]) -> dict:
     plans = [plan(model, lora.config) for lora in loras]
     num_layers = model.num_layers
     stacked = {}
-    for module in LINEAR_MODULES:
+    for site in linear_sites(model):
+        module = site.name
         targeting = [i for i, p in enumerate(plans) if module in p]
         if not targeting:
             continue
-        dims_in, dims_out = module_dims(model, module)
-        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
+        size_in, size_out = site.sizes(model)
         rank = max(plans[i][module].max_rank for i in targeting)
         dtype = jnp.result_type(*(loras[i].delta["layers"][module]["a"] for i in targeting))
         a_all, b_all, scales = [], [], []

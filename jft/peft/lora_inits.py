@@ -61,6 +61,7 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models import ModelConfig
+from jft.models.sites import input_group, linear_site, linear_sites
 from jft.models.transformer import (
     LayerHooks,
     _attention_masks,
@@ -69,7 +70,6 @@ from jft.models.transformer import (
     _rope_tables,
     forward,
 )
-from jft.peft.base import LINEAR_MODULES, module_dims, module_path
 from jft.peft.lora import LoraConfig, _column_norm, plan
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -80,10 +80,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 _DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 _SCALES = ("stable", "weight_svd", "gd_scale", "unit")
-# Linears that read the same input: one set of statistics serves the group (PEFT's EVA
-# finds these by hashing the inputs).
-_INPUT_GROUP = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
-                "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+# Linears that read the same input share one set of statistics (PEFT's EVA finds these by
+# hashing the inputs; the sites declare them: `jft.models.sites.input_group`).
 
 
 def options(config: LoraConfig) -> dict[str, Any]:
@@ -145,9 +143,10 @@ def _pissa(key, base, model, config, niter):
     factors = {}
     for module, p in plan(model, config).items():
         key, sub = jax.random.split(key)
-        in_axes = len(module_dims(model, module)[0])
-        factors[module] = _pissa_factors(base["layers"][module], _safe_scales(p), sub,
-                                         in_axes=in_axes, rank=p.max_rank,
+        site = linear_site(model, module)
+        factors[module] = _pissa_factors(site.to_in_out(base["layers"][module], lead=1),
+                                         _safe_scales(p), sub,
+                                         in_axes=len(site.in_axes), rank=p.max_rank,
                                          niter=None if niter is None else int(niter))
     return factors
 
@@ -223,9 +222,9 @@ class _CapturingHooks(LayerHooks):
         super().__init__(model, index, ())
         self.inputs = {}
 
-    def linear(self, module, x, layer, equation, bias=None):
-        self.inputs[module] = x
-        return super().linear(module, x, layer, equation, bias)
+    def linear(self, site, x, layer):
+        self.inputs[site.name] = x
+        return super().linear(site, x, layer)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -317,8 +316,10 @@ def _merge_moments(first, second):
     return n, m1 + step * weight, s1 + s2 + jnp.outer(step, step) * n1 * weight
 
 
-def _groups(modules):
-    return tuple(sorted({_INPUT_GROUP[m] for m in modules}, key=LINEAR_MODULES.index))
+def _groups(model, modules):
+    """The input groups of `modules`, in the model's declaration order."""
+    names = [site.name for site in linear_sites(model)]
+    return tuple(sorted({input_group(model, m) for m in modules}, key=names.index))
 
 
 # ---------------------------------------------------------------- EVA
@@ -336,6 +337,8 @@ class EvaStatistics:
     singular_values: dict[tuple[str, int], np.ndarray]
     ranks: dict[tuple[str, int], int]
     max_components: dict[tuple[str, int], int]
+    # Every linear of the model, in declaration order -> the first one reading its input.
+    input_groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def budget(self) -> int:
@@ -356,29 +359,29 @@ def _eva_statistics(base, model, config, batches, rho):
     if rho > 1000:  # PEFT's ceiling for very large rho
         max_dim = max(max(leaf.shape) for leaf in jax.tree.leaves(base))
         rho = min(rho, max_dim // config.r)
+    groups = {site.name: input_group(model, site.name) for site in linear_sites(model)}
     for module, p in plans.items():
-        dims_in, dims_out = module_dims(model, module)
-        limit = min(math.prod(dims_in), math.prod(dims_out))
+        limit = min(linear_site(model, module).sizes(model))
         for layer, r in enumerate(p.ranks):
             if r:
                 ranks[module, layer], limits[module, layer] = r, limit
                 wanted[module, layer] = round(r * rho)
     for layer in range(model.num_layers):  # shared inputs: the same max_components
-        for group in set(_INPUT_GROUP.values()):
-            members = [m for m in plans if _INPUT_GROUP[m] == group and (m, layer) in wanted]
+        for group in set(groups.values()):
+            members = [m for m in plans if groups[m] == group and (m, layer) in wanted]
             if members:
                 top = max(wanted[m, layer] for m in members)
                 for m in members:  # but no rank above what plan() allows
                     wanted[m, layer] = min(top, limits[m, layer])
     components, ratios, singular = {}, {}, {}
     last = max(layer for _, layer in ranks)
-    for layer, stats in _layer_statistics(base, model, batches, _groups(plans), "eva", last,
+    for layer, stats in _layer_statistics(base, model, batches, _groups(model, plans), "eva", last,
                                           label_mask=bool(opts["use_label_mask"])):
         decomposed = {}
         for module in plans:
             if (module, layer) not in ranks:
                 continue
-            group = _INPUT_GROUP[module]
+            group = groups[module]
             count, _, scatter = stats[group]
             k = wanted[module, layer]
             if float(count) < k:
@@ -386,13 +389,13 @@ def _eva_statistics(base, model, config, batches, rho):
                                f"model.layers.{layer}.{module}, fewer than the {k} components")
             if group not in decomposed:
                 k_group = max(wanted[m, layer] for m in plans
-                              if _INPUT_GROUP[m] == group and (m, layer) in wanted)
+                              if groups[m] == group and (m, layer) in wanted)
                 decomposed[group] = [np.asarray(x)
                                      for x in _principal_directions(scatter, k_group)]
             rows, ratio, sv = decomposed[group]
             components[module, layer], ratios[module, layer] = rows[:k], ratio[:k]
             singular[module, layer] = sv[:k]
-    return EvaStatistics(components, ratios, singular, ranks, wanted)
+    return EvaStatistics(components, ratios, singular, ranks, wanted, groups)
 
 
 @partial(jax.jit, static_argnums=1)
@@ -412,7 +415,8 @@ def eva_redistribute(state: EvaStatistics) -> dict[tuple[str, int], int]:
     offering at most its `max_components`; among linears sharing an input, the first
     (q_proj, gate_proj) gets the largest count."""
     keys, values = [], []
-    for key in sorted(state.ranks, key=lambda k: (k[1], LINEAR_MODULES.index(k[0]))):
+    order = list(state.input_groups)
+    for key in sorted(state.ranks, key=lambda k: (k[1], order.index(k[0]))):
         ratio = state.explained_variance_ratio[key][: state.max_components[key]]
         keys += [key] * len(ratio)
         values.append(ratio)
@@ -420,7 +424,7 @@ def eva_redistribute(state: EvaStatistics) -> dict[tuple[str, int], int]:
     counts = Counter(keys[i] for i in order)
     counts = {key: counts.get(key, 0) for key in state.ranks}
     for module, layer in counts:
-        hook = (_INPUT_GROUP[module], layer)
+        hook = (state.input_groups[module], layer)
         if hook != (module, layer) and hook in counts and counts[hook] < counts[module, layer]:
             counts[hook], counts[module, layer] = counts[module, layer], counts[hook]
     return counts
@@ -435,7 +439,7 @@ def eva_config(model: ModelConfig, config: LoraConfig, state: EvaStatistics,
     rank_entries, alpha_entries = [], []
     for (module, layer), new_rank in sorted(ranks.items(),
                                             key=lambda kv: (kv[0][1], kv[0][0])):
-        key = module_path(layer, module)  # as PEFT's EVA writes its rank_pattern
+        key = linear_site(model, module).path(layer)  # as PEFT's EVA writes its rank_pattern
         rank_entries.append((key, int(new_rank)))
         if opts["adjust_scaling_factors"] and new_rank != state.ranks[module, layer]:
             alpha = _alpha(model, config, module, layer)
@@ -476,8 +480,8 @@ def _eva_factors(model, config, state):
     whiten = bool(options(config)["whiten"])
     factors = {}
     for module, p in plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
-        a = np.zeros((model.num_layers, math.prod(dims_in), p.max_rank), np.float32)
+        size_in, size_out = linear_site(model, module).sizes(model)
+        a = np.zeros((model.num_layers, size_in, p.max_rank), np.float32)
         for layer, r in enumerate(p.ranks):
             if r == 0:
                 continue
@@ -489,7 +493,7 @@ def _eva_factors(model, config, state):
                 rows = rows / np.sqrt(np.maximum(state.singular_values[module, layer][:r],
                                                  np.finfo(np.float32).tiny))[:, None]
             a[layer, :, :r] = rows.T
-        b = np.zeros((model.num_layers, p.max_rank, math.prod(dims_out)), np.float32)
+        b = np.zeros((model.num_layers, p.max_rank, size_out), np.float32)
         factors[module] = (jnp.asarray(a), jnp.asarray(b))
     return factors
 
@@ -501,23 +505,25 @@ def _corda(base, model, config, batches, method):
     plans = plan(model, config)
     out = {}
     for module, p in plans.items():
-        dims_in, dims_out = module_dims(model, module)
-        out[module] = (np.zeros((model.num_layers, math.prod(dims_in), p.max_rank), np.float32),
-                       np.zeros((model.num_layers, p.max_rank, math.prod(dims_out)), np.float32))
+        size_in, size_out = linear_site(model, module).sizes(model)
+        out[module] = (np.zeros((model.num_layers, size_in, p.max_rank), np.float32),
+                       np.zeros((model.num_layers, p.max_rank, size_out), np.float32))
     last = max(layer for p in plans.values() for layer, r in enumerate(p.ranks) if r)
-    for layer, stats in _layer_statistics(base, model, batches, _groups(plans), "corda", last):
+    for layer, stats in _layer_statistics(base, model, batches, _groups(model, plans), "corda",
+                                          last):
         regularised = {}
         for module, p in plans.items():
             r = p.ranks[layer]
             if r == 0:
                 continue
-            group = _INPUT_GROUP[module]
+            group = input_group(model, module)
             if group not in regularised:
                 regularised[group] = _corda_regularise(stats[group] / len(batches))
             fixed, inverse = regularised[group]
-            a, b = _corda_factors(fixed, inverse, base["layers"][module], jnp.int32(layer),
-                                  jnp.float32(p.scales[layer]),
-                                  in_axes=len(module_dims(model, module)[0]), rank=r,
+            site = linear_site(model, module)
+            a, b = _corda_factors(fixed, inverse, site.to_in_out(base["layers"][module], lead=1),
+                                  jnp.int32(layer), jnp.float32(p.scales[layer]),
+                                  in_axes=len(site.in_axes), rank=r,
                                   kpm=method == "kpm")
             out[module][0][layer, :, :r] = np.asarray(a)
             out[module][1][layer, :r] = np.asarray(b)
@@ -602,15 +608,15 @@ def mean_weight_gradients(base, model, modules, batches) -> dict[str, jax.Array]
 
 def _loraga(key, base, model, config, batches, opts):
     for module, p in plan(model, config).items():
-        limit = min(math.prod(d) for d in module_dims(model, module))
+        limit = min(linear_site(model, module).sizes(model))
         if 2 * p.max_rank > limit:
             raise JftError(f"loraga takes 2r singular components, so it needs 2r <= {limit} "
                            f"for {module}, got r={p.max_rank}")
     gradients = _loraga_gradients(base, model, config, batches)
     factors = {}
     for module, p in plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
-        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
+        site = linear_site(model, module)
+        size_in, size_out = site.sizes(model)
         a = np.zeros((model.num_layers, size_in, p.max_rank), np.float32)
         b = np.zeros((model.num_layers, p.max_rank, size_out), np.float32)
         for layer, r in enumerate(p.ranks):
@@ -618,8 +624,9 @@ def _loraga(key, base, model, config, batches, opts):
                 continue
             key, sub = jax.random.split(key)
             a_l, b_l = _loraga_factors(
-                gradients[module], base["layers"][module], jnp.int32(layer),
-                jnp.float32(p.scales[layer]), sub, in_axes=len(dims_in), rank=r,
+                site.to_in_out(gradients[module], lead=1),
+                site.to_in_out(base["layers"][module], lead=1), jnp.int32(layer),
+                jnp.float32(p.scales[layer]), sub, in_axes=len(site.in_axes), rank=r,
                 direction=opts["direction"], scale=opts["scale"],
                 gamma=float(opts["stable_gamma"]))
             a[layer, :, :r], b[layer, :r] = np.asarray(a_l), np.asarray(b_l)
@@ -658,7 +665,8 @@ def _loraga_factors(gradient, weight, layer, scaling, key, *, in_axes, rank, dir
 
 
 def _as_matrices(weight, in_axes):
-    """A stacked weight [L, *in, *out] as float32 matrices [L, in, out]."""
+    """A stacked weight in the in-out layout [L, *in, *out] (`LinearSite.to_in_out`) as
+    float32 matrices [L, in, out]."""
     size_in = math.prod(weight.shape[1:1 + in_axes])
     return weight.astype(jnp.float32).reshape(weight.shape[0], size_in, -1)
 
@@ -680,13 +688,14 @@ def _assemble(base, model, config, factors, record):
     layout, zero beyond each layer's rank, initial factors recorded if `record`."""
     layers = {}
     for module, p in plan(model, config).items():
-        dims_in, dims_out = module_dims(model, module)
+        site = linear_site(model, module)
+        dims_in, dims_out = site.dims(model)
         a, b = _layout(*factors[module], jnp.asarray(p.rank_mask(), jnp.float32),
                        dims_in=dims_in, dims_out=dims_out)
         entry = {"a": a, "b": b}
         if record:
             entry["init_a"], entry["init_b"] = jnp.array(a, copy=True), jnp.array(b, copy=True)
         if config.dora:  # of W = (rebased base) + s A0 B0, so the model starts unchanged
-            entry["magnitude"] = _column_norm(base["layers"][module], len(dims_in))
+            entry["magnitude"] = _column_norm(site, base["layers"][module])
         layers[module] = entry
     return {"layers": layers}

@@ -21,7 +21,10 @@ Partial backprop: the frozen base is never differentiated. A block enters as a b
 beside the frozen matmul, y = x W + x[..., :C] B for input-side modules (o, down) and
 y[..., :C] += x B for output-side ones (q, k, v, gate, up), so the backward pass keeps
 only the C input columns (input side) for the block's gradient and computes dx through
-the frozen weight; it never forms a weight gradient of the full matrix.
+the frozen weight; it never forms a weight gradient of the full matrix. Which axis of a
+linear holds units, and on which side, comes from its site's logical axes (`kv_heads`
+or `heads`: attention units; `mlp`: channels), and so does what the co-permutation
+moves. Stacked over other adapters, the block's term is added to their output.
 
 Selection (`selection`): `random` (the paper's), `weight` (norm of the unit's slices of
 the trained matrices), `activation` (mean |input| of o_proj / down_proj over calibration
@@ -48,21 +51,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.models import PARAM_AXES, ModelConfig
-from jft.peft.base import MethodBase, module_dims, numpy_rng, register, use_kernel
+from jft.models import ModelConfig
+from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_site, linear_sites
+from jft.models.transformer import logical_axes
+from jft.peft.base import MethodBase, numpy_rng, register, use_kernel
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-INPUT_SIDE = ("o_proj", "down_proj")  # the unit axis is an input axis
 SELECTIONS = ("random", "weight", "activation", "gradient")
-# Which axis (after L) of each base param is permuted, and by which group:
-# "kv" permutes KV heads, "q" the query heads that follow their KV head.
-_PERMUTED_AXES = {
-    "q_proj": ("q", 2), "k_proj": ("kv", 2), "v_proj": ("kv", 2), "o_proj": ("q", 1),
-    "q_bias": ("q", 1), "k_bias": ("kv", 1), "v_bias": ("kv", 1),
-    "gate_proj": ("mlp", 2), "up_proj": ("mlp", 2), "down_proj": ("mlp", 1),
-    "gate_bias": ("mlp", 1), "up_bias": ("mlp", 1),
-}
+# What a unit is, by logical axis: a KV head (its query heads move with it) or an FFN
+# channel. A linear trains its units' slice along whichever of these axes it has.
+UNIT_GROUPS = {"kv_heads": "attention", "heads": "attention", "mlp": "mlp"}
+# The axis permuted by each unit order: KV heads, query heads (each KV head's group
+# moves with it), channels.
+_ORDER_OF_AXIS = {"kv_heads": "kv", "heads": "q", "mlp": "mlp"}
+
+
+def unit_axis(site: LinearSite) -> str | None:
+    """The logical axis along which `site`'s units lie (None: it has no units)."""
+    return next((a for a in (*site.in_axes, *site.out_axes) if a in UNIT_GROUPS), None)
+
+
+def group_of(site: LinearSite) -> str | None:
+    """"attention" or "mlp": whose units `site` trains (None: neither)."""
+    axis = unit_axis(site)
+    return None if axis is None else UNIT_GROUPS[axis]
+
+
+def input_side(site: LinearSite) -> bool:
+    """Whether the units are the site's inputs (o_proj, down_proj)."""
+    return unit_axis(site) in site.in_axes
+
+
+# The transformer's linears by group, for checking options before there is a model.
+ATTENTION = tuple(s.name for s in TRANSFORMER_SITES if group_of(s) == "attention")
+MLP = tuple(s.name for s in TRANSFORMER_SITES if group_of(s) == "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +104,9 @@ class S2FTConfig:
             value = getattr(self, name)
             value = (value,) if isinstance(value, str) else tuple(value)
             object.__setattr__(self, name, value)
-            bad = [m for m in value if m not in allowed]
+            # The transformer's linears of the other group are refused here; names it does
+            # not declare are checked against the model's own sites (`check_modules`).
+            bad = [m for m in value if m in ATTENTION + MLP and m not in allowed]
             if bad:
                 raise JftError(f"s2ft {name} has {bad[0]!r}; valid: {', '.join(allowed)}")
         for name in ("attention_ratio", "mlp_ratio"):
@@ -113,25 +136,32 @@ class S2FTConfig:
         return out
 
 
-def _group_of(module: str) -> str:
-    return "attention" if module in ATTENTION else "mlp"
+def check_modules(model: ModelConfig, config: S2FTConfig) -> None:
+    """Every trained module is a linear of this model with units of its group."""
+    for name, group in (("attention_modules", "attention"), ("mlp_modules", "mlp")):
+        allowed = [s.name for s in linear_sites(model) if group_of(s) == group]
+        bad = [m for m in getattr(config, name) if m not in allowed]
+        if bad:
+            raise JftError(f"s2ft {name} has {bad[0]!r}; valid: {', '.join(allowed)}")
 
 
 def _units(model: ModelConfig, group: str) -> int:
     return model.num_kv_heads if group == "attention" else model.mlp_dim
 
 
-def _slots(model: ModelConfig, module: str, capacity: int) -> int:
-    """Block size along the unit axis: query heads count G per attention unit."""
-    if module in ("q_proj", "o_proj"):
-        return capacity * (model.num_heads // model.num_kv_heads)
-    return capacity
+def _per_unit(model: ModelConfig, site: LinearSite) -> int:
+    """Slots of the unit axis per unit: a KV head's G query heads on a heads axis."""
+    return model.num_heads // model.num_kv_heads if unit_axis(site) == "heads" else 1
 
 
-def _unit_axis(module: str) -> int:
+def _slots(model: ModelConfig, site: LinearSite, capacity: int) -> int:
+    """Block size along the unit axis."""
+    return capacity * _per_unit(model, site)
+
+
+def _unit_axis(site: LinearSite) -> int:
     """The unit axis of a [L, ...] block or weight."""
-    return {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 2,
-            "up_proj": 2, "down_proj": 1}[module]
+    return site.weight_axes.index(unit_axis(site))
 
 
 # ---------------------------------------------------------------- selection
@@ -177,18 +207,21 @@ def _scores(key, base, model, config, batches) -> dict[str, np.ndarray]:
         modules = [m for ms in groups.values() for m in ms]
         grads = lora_inits.mean_weight_gradients(base, model, modules, prepared)
         return {g: _unit_norms({m: grads[m] for m in ms}, model) for g, ms in groups.items()}
-    # activation: |input| of o_proj (per query head, summed per KV group) and down_proj
-    inputs = {"attention": "o_proj", "mlp": "down_proj"}
-    wanted = tuple(inputs[g] for g in groups)
+    # activation: the units' own outputs, i.e. |input| of the group's first input-side
+    # linear (o_proj per query head, summed per KV group; down_proj per channel)
+    inputs = {g: next(s for s in linear_sites(model) if group_of(s) == g and input_side(s))
+              for g in groups}
+    wanted = tuple(inputs[g].name for g in groups)
     per_layer = [None] * model.num_layers
     for layer, stats in lora_inits.input_magnitudes(base, model, prepared, wanted):
         per_layer[layer] = stats
     out = {}
     for group in groups:
-        rows = np.stack([np.asarray(stats[inputs[group]]) for stats in per_layer])
-        if group == "attention":
-            rows = rows.reshape(model.num_layers, model.num_kv_heads, -1).sum(-1)
-        out[group] = rows
+        site = inputs[group]
+        rows = np.stack([np.asarray(stats[site.name]) for stats in per_layer])
+        rows = rows.reshape(model.num_layers, *site.dims(model)[0])
+        rows = np.moveaxis(rows, 1 + site.in_axes.index(unit_axis(site)), 1)
+        out[group] = rows.reshape(model.num_layers, _units(model, group), -1).sum(-1)
     return out
 
 
@@ -196,9 +229,10 @@ def _unit_norms(weights: dict[str, jax.Array], model: ModelConfig) -> np.ndarray
     """[L, units]: the norm of each unit's slices across `weights` (one group's modules)."""
     total = 0.0
     for module, w in weights.items():
+        site = linear_site(model, module)
         w = np.asarray(w, np.float32)
-        axis = _unit_axis(module)
-        if module in ("q_proj", "o_proj"):  # query heads -> [.., K, G, ..]
+        axis = _unit_axis(site)
+        if _per_unit(model, site) > 1:  # query heads -> [.., K, G, ..]
             shape = list(w.shape)
             shape[axis:axis + 1] = [model.num_kv_heads, model.num_heads // model.num_kv_heads]
             w = w.reshape(shape)
@@ -245,11 +279,15 @@ def permute(base: dict, perms: dict[str, jax.Array], model: ModelConfig,
         orders["q"] = _head_order(perms["attention"], groups)
     if "mlp" in perms:
         orders["mlp"] = perms["mlp"]
+    axes_of = logical_axes(model)
     layers = dict(base["layers"])
-    for name, (kind, axis) in _PERMUTED_AXES.items():
-        if name in layers and kind in orders:
-            layers[name] = _take(layers[name], orders[kind], axis)
+    for name in base["layers"]:
+        for axis, logical in enumerate(axes_of.get(name, ())):
+            if _ORDER_OF_AXIS.get(logical) in orders:
+                layers[name] = _take(layers[name], orders[_ORDER_OF_AXIS[logical]], axis)
     return dict(base, layers=layers)
+
+
 
 
 @jax.jit
@@ -273,13 +311,15 @@ class S2FT(MethodBase):
         if config.layout != "permuted":
             raise JftError("s2ft adapters are created in the permuted layout; "
                            "split() gives the indexed one")
+        check_modules(model, config)
         chosen = select_units(key, base, model, config, calibration_batches)
         layers = {}
         for group, (perm, count) in _permutations(chosen, model).items():
             layers[group] = {"perm": jnp.asarray(perm), "count": jnp.asarray(count)}
             capacity = max(int(count.max()), 1)
             for module in config.groups()[group]:
-                layers[module] = jnp.zeros(_block_shape(model, module, capacity), jnp.float32)
+                site = linear_site(model, module)
+                layers[module] = jnp.zeros(_block_shape(model, site, capacity), jnp.float32)
         return {"layers": layers}
 
     def rebase(self, base, delta, model, config):
@@ -294,8 +334,8 @@ class S2FT(MethodBase):
             return delta, config
         layers = dict(delta["layers"])
         for group, modules in config.groups().items():
-            slots = layers[modules[0]].shape[_unit_axis(modules[0])]
-            capacity = _capacity(modules[0], slots, model)
+            site = linear_site(model, modules[0])
+            capacity = _capacity(site, layers[site.name].shape[_unit_axis(site)], model)
             entry = layers[group]
             layers[group] = {"units": entry["perm"][:, :capacity], "count": entry["count"]}
         return {"layers": layers}, dataclasses.replace(config, layout="indexed")
@@ -306,47 +346,30 @@ class S2FT(MethodBase):
                                               value)
                            for name, value in delta["layers"].items()}}
 
-    def linear(self, module, x, weight, equation, delta, delta_layer, layer, config):
-        if not _fused(module, delta_layer, layer, config):
-            return None
-        from jft.pallas_kernels.s2ft_linear import s2ft_input_side, s2ft_output_side
+    def wraps_linear(self, site, delta, delta_layer, config):
+        return site.name in delta_layer
 
-        dims_in, dims_out = module_dims(layer.config, module)
-        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
-        lead = x.shape[:x.ndim - len(dims_in)]
-        # Units are contiguous in the flattened layouts: a head's H features, a channel.
-        x, weight = x.reshape(*lead, size_in), weight.reshape(size_in, size_out)
-        block = _masked_block(module, delta_layer, layer.config, x.dtype)
-        # `pallas` forces the fused backward; under `auto` the kernel fuses only blocks
-        # narrow enough for the fusion to pay (pallas_kernels/s2ft_linear.py).
-        fuse = True if layer.config.kernels == "pallas" else None
-        if module in INPUT_SIDE:
-            y = s2ft_input_side(x, weight, block.reshape(-1, size_out), fuse=fuse)
-        else:
-            y = s2ft_output_side(x, weight, block.reshape(size_in, -1), fuse=fuse)
-        return y.reshape(*lead, *dims_out)
-
-    def linear_output(self, module, x, y, weight, bias, delta_layer, layer, config):
-        if module not in delta_layer or _fused(module, delta_layer, layer, config):
-            return y
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
         model = layer.config
-        block = _masked_block(module, delta_layer, model, x.dtype)
-        slots = block.shape[_unit_axis(module) - 1]
-        where = _slot_index(delta_layer[_group_of(module)], module, model, config)
-        if module in INPUT_SIDE:  # y += x[..., units] B
-            unit_axis = x.ndim - (2 if module == "o_proj" else 1)
-            picked = (jax.lax.slice_in_dim(x, 0, slots, axis=unit_axis) if where is None
-                      else jnp.take(x, where, axis=unit_axis))
-            equation = "BTNH,NHD->BTD" if module == "o_proj" else "BTF,FD->BTD"
-            return y + jnp.einsum(equation, picked, block)
-        equation = "BTD,DF->BTF" if module in MLP else "BTD,DNH->BTNH"
-        extra = jnp.einsum(equation, x, block)
-        unit_axis = 2
+        block = _masked_block(site, delta_layer, model, x.dtype)
+        if inner.is_plain and _fused(site, layer, config):
+            return _fused_linear(site, x, inner, block, model)
+        y = inner(x)
+        slots = block.shape[_unit_axis(site) - 1]
+        where = _slot_index(delta_layer[group_of(site)], site, model, config)
+        axis = unit_axis(site)
+        if input_side(site):  # y += x[..., units] B
+            at = x.ndim - len(site.in_axes) + site.in_axes.index(axis)
+            picked = (jax.lax.slice_in_dim(x, 0, slots, axis=at) if where is None
+                      else jnp.take(x, where, axis=at))
+            return y + jnp.einsum(site.equation, picked, block)
+        extra = jnp.einsum(site.equation, x, block)  # y[..., units] += x B
+        at = len(site.lead) + site.out_axes.index(axis)
         if where is None:
             start = (0,) * y.ndim
-            head = jax.lax.slice_in_dim(y, 0, slots, axis=unit_axis)
+            head = jax.lax.slice_in_dim(y, 0, slots, axis=at)
             return jax.lax.dynamic_update_slice(y, head + extra, start)
-        index = (slice(None),) * unit_axis + (where,)
+        index = (slice(None),) * at + (where,)
         return y.at[index].add(extra)
 
     def merge(self, base, delta, model, config):
@@ -360,8 +383,7 @@ class S2FT(MethodBase):
         for group, modules in config.groups().items():
             selected = int(np.sum(np.asarray(delta["layers"][group]["count"])))
             for module in modules:
-                dims_in, dims_out = module_dims(model, module)
-                size = math.prod(dims_in) * math.prod(dims_out)
+                size = math.prod(linear_site(model, module).sizes(model))
                 total += selected * size // _units(model, group)
         return total
 
@@ -373,37 +395,57 @@ class S2FT(MethodBase):
         # A block is its base's slice, so it keeps the base's names (the unit axis too: the
         # rules replicate it where C units do not divide); unit ids and counts are small.
         return {"layers": {name: jax.tree.map(lambda x: (None,) * x.ndim, value)
-                           if name in ("attention", "mlp") else PARAM_AXES[name]
+                           if name in ("attention", "mlp") else linear_site(model, name).weight_axes
                            for name, value in delta["layers"].items()}}
 
 
-def _fused(module, delta_layer, layer, config) -> bool:
-    """Whether this module's block runs in the fused kernel (`kernels`): the permuted
-    layout only, whose block covers the first slots."""
-    return (module in delta_layer and config.layout == "permuted"
+def _fused(site, layer, config) -> bool:
+    """Whether the block runs in the fused kernel (`kernels`) over the plain linear: the
+    permuted layout only, whose block covers the first slots, and units that are
+    contiguous in the flattened input (or output) features (a head's H, a channel)."""
+    axes = site.in_axes if input_side(site) else site.out_axes
+    return (config.layout == "permuted" and axes[0] == unit_axis(site)
             and use_kernel("s2ft_linear", layer.config))
 
 
-def _masked_block(module, delta_layer, model, dtype):
+def _fused_linear(site, x, inner, block, model):
+    from jft.pallas_kernels.s2ft_linear import s2ft_input_side, s2ft_output_side
+
+    dims_in, dims_out = site.dims(model)
+    size_in, size_out = site.sizes(model)
+    lead = x.shape[:x.ndim - len(dims_in)]
+    x = x.reshape(*lead, size_in)
+    weight = site.to_in_out(inner.weight.astype(x.dtype)).reshape(size_in, size_out)
+    block = site.to_in_out(block)
+    # `pallas` forces the fused backward; under `auto` the kernel fuses only blocks
+    # narrow enough for the fusion to pay (pallas_kernels/s2ft_linear.py).
+    fuse = True if model.kernels == "pallas" else None
+    if input_side(site):
+        y = s2ft_input_side(x, weight, block.reshape(-1, size_out), fuse=fuse)
+    else:
+        y = s2ft_output_side(x, weight, block.reshape(size_in, -1), fuse=fuse)
+    y = y.reshape(*lead, *dims_out)
+    return y if inner.bias is None else y + inner.bias.astype(x.dtype)
+
+
+def _masked_block(site, delta_layer, model, dtype):
     """This layer's block, zero on the slots of units it did not select."""
-    block = delta_layer[module]
-    slots = block.shape[_unit_axis(module) - 1]
-    mask = _slot_mask(delta_layer[_group_of(module)]["count"], module, model,
-                      _capacity(module, slots, model), block.ndim, stacked=False)
+    block = delta_layer[site.name]
+    slots = block.shape[_unit_axis(site) - 1]
+    mask = _slot_mask(delta_layer[group_of(site)]["count"], site, model,
+                      _capacity(site, slots, model), block.ndim, stacked=False)
     return (block * mask).astype(dtype)
 
 
-def _block_shape(model, module, capacity):
-    shape = [model.num_layers, *module_dims(model, module)[0], *module_dims(model, module)[1]]
-    shape[_unit_axis(module)] = _slots(model, module, capacity)
+def _block_shape(model, site, capacity):
+    shape = [model.num_layers, *site.weight_shape(model)]
+    shape[_unit_axis(site)] = _slots(model, site, capacity)
     return tuple(shape)
 
 
-def _capacity(module: str, slots: int, model: ModelConfig) -> int:
+def _capacity(site: LinearSite, slots: int, model: ModelConfig) -> int:
     """Units a block holds, from its size along the unit axis."""
-    if module in ("q_proj", "o_proj"):
-        return slots // (model.num_heads // model.num_kv_heads)
-    return slots
+    return slots // _per_unit(model, site)
 
 
 def _fold(base, delta, model, config, sign):
@@ -412,10 +454,11 @@ def _fold(base, delta, model, config, sign):
     for group, modules in config.groups().items():
         entry = delta["layers"][group]
         for module in modules:
+            site = linear_site(model, module)
             block = delta["layers"][module]
-            axis = _unit_axis(module)
+            axis = _unit_axis(site)
             slots = block.shape[axis]
-            mask = _slot_mask(entry["count"], module, model, _capacity(module, slots, model),
+            mask = _slot_mask(entry["count"], site, model, _capacity(site, slots, model),
                               block.ndim)
             update = sign * block.astype(jnp.float32) * mask
             weight = layers[module]
@@ -425,8 +468,8 @@ def _fold(base, delta, model, config, sign):
                     weight, (head + update).astype(weight.dtype), 0, axis)
             else:
                 index = entry["units"]
-                if module in ("q_proj", "o_proj"):
-                    index = _head_order(index, model.num_heads // model.num_kv_heads)
+                if _per_unit(model, site) > 1:
+                    index = _head_order(index, _per_unit(model, site))
                 layers[module] = _scatter_add(weight, index, update, axis)
     return dict(base, layers=layers)
 
@@ -441,13 +484,12 @@ def _scatter_add(weight, index, update, axis):
     return jax.vmap(one)(weight, index, update)
 
 
-def _slot_mask(count, module, model, capacity, ndim, stacked=True):
+def _slot_mask(count, site, model, capacity, ndim, stacked=True):
     """Float mask over a block's unit axis: 1 on the slots of selected units."""
     valid = jnp.arange(capacity) < (count[:, None] if stacked else count)
-    if module in ("q_proj", "o_proj"):
-        groups = model.num_heads // model.num_kv_heads
-        valid = jnp.repeat(valid, groups, axis=-1)
-    axis = _unit_axis(module) - (0 if stacked else 1)
+    if _per_unit(model, site) > 1:
+        valid = jnp.repeat(valid, _per_unit(model, site), axis=-1)
+    axis = _unit_axis(site) - (0 if stacked else 1)
     shape = [1] * ndim
     if stacked:
         shape[0] = valid.shape[0]
@@ -455,14 +497,14 @@ def _slot_mask(count, module, model, capacity, ndim, stacked=True):
     return valid.reshape(shape).astype(jnp.float32)
 
 
-def _slot_index(group, module, model, config):
+def _slot_index(group, site, model, config):
     """None in the permuted layout (the block covers the first slots); else the ids of
-    the units (query heads for q/o) the block's slots belong to."""
+    the units (query heads on a heads axis) the block's slots belong to."""
     if config.layout == "permuted":
         return None
     units = group["units"]
-    if module in ("q_proj", "o_proj"):
-        return _head_order(units[None], model.num_heads // model.num_kv_heads)[0]
+    if _per_unit(model, site) > 1:
+        return _head_order(units[None], _per_unit(model, site))[0]
     return units
 
 

@@ -14,8 +14,9 @@ are static):
   gradient summed since the candidates were drawn. The forward adds `g - stop_gradient(g)`
   at the candidate positions: zero in value, dL/dW there as its gradient.
 
-The forward (`edit_layer`) builds each layer's weight W + scatter(values) (+ the zero-valued
-candidate term) in float32 and casts it to the model's dtype. Every `reselection_steps`
+The forward builds each layer's weight W + scatter(values) (+ the zero-valued candidate
+term) in float32 and casts it to the model's dtype; stacked over other adapters, it adds
+x times the scattered delta to their output instead. Every `reselection_steps`
 updates (`refresh`), each targeted layer drops the `round(rate * k)` entries of smallest
 |value| and grows the valid candidates of largest accumulated |gradient| (valid: not
 already an active position and not a repeat of an earlier candidate) in their place, at
@@ -42,8 +43,9 @@ import numpy as np
 import optax
 
 from jft.errors import JftError
-from jft.models import PARAM_AXES, ModelConfig
-from jft.peft.base import MethodBase, Targets, as_targets, module_dims, numpy_rng, register
+from jft.models import ModelConfig
+from jft.models.sites import linear_site
+from jft.peft.base import MethodBase, Targets, as_targets, numpy_rng, register
 
 POLICIES = ("linear", "cosine")
 _MAX_INDEX = 2**31 - 1  # indices are int32
@@ -109,7 +111,7 @@ class ModulePlan:
 def plan(model: ModelConfig, config: SpielConfig) -> dict[str, ModulePlan]:
     """Targeted modules with their k and candidate count, checked against the model."""
     chosen = config.targets.resolve(model)
-    sizes = {m: math.prod(d for dims in module_dims(model, m) for d in dims) for m in chosen}
+    sizes = {m: math.prod(linear_site(model, m).sizes(model)) for m in chosen}
     for module, size in sizes.items():
         if size > _MAX_INDEX:
             raise JftError(f"spiel cannot index {module}: {size} entries exceed int32")
@@ -181,21 +183,30 @@ class Spiel(MethodBase):
             }
         return {"layers": layers}
 
-    def edit_layer(self, layer_params, delta, delta_layer, layer, config):
-        out = dict(layer_params)
-        for module, p in plan(layer.config, config).items():
-            entry = delta_layer[module]
-            on = jnp.asarray(p.mask())[layer.index]
-            values = jnp.where(on, entry["values"].astype(jnp.float32), 0.0)
-            g = entry["candidate_grads"].astype(jnp.float32)
-            probe = jnp.where(on, g - jax.lax.stop_gradient(g), 0.0)  # 0, with dL/dW as grad
-            weight = layer_params[module]
-            # Scattered through unravelled indices: no reshape of a (maybe sharded) weight.
+    def wraps_linear(self, site, delta, delta_layer, config):
+        return site.name in delta_layer
+
+    def linear(self, site, x, inner, delta, delta_layer, layer, config):
+        p = plan(layer.config, config)[site.name]
+        entry = delta_layer[site.name]
+        on = jnp.asarray(p.mask())[layer.index]
+        values = jnp.where(on, entry["values"].astype(jnp.float32), 0.0)
+        g = entry["candidate_grads"].astype(jnp.float32)
+        probe = jnp.where(on, g - jax.lax.stop_gradient(g), 0.0)  # 0, with dL/dW as grad
+
+        def scatter(weight):  # weight + the sparse delta, in float32
+            # Through unravelled indices: no reshape of a (maybe sharded) weight.
             at = partial(jnp.unravel_index, shape=weight.shape)
-            dense = weight.astype(jnp.float32).at[at(entry["indices"])].add(values)
-            dense = dense.at[at(entry["candidates"])].add(probe)
-            out[module] = dense.astype(layer.config.dtype)
-        return out
+            return weight.at[at(entry["indices"])].add(values).at[at(entry["candidates"])].add(
+                probe)
+
+        if inner.is_plain:  # one matmul with the edited weight
+            dense = scatter(inner.weight.astype(jnp.float32)).astype(layer.config.dtype)
+            y = jnp.einsum(site.equation, x, dense.astype(x.dtype))
+            return y if inner.bias is None else y + inner.bias.astype(x.dtype)
+        # Over other adapters: their output plus x times the sparse delta, as a dense matrix.
+        sparse = scatter(jnp.zeros(inner.weight.shape, jnp.float32))
+        return inner(x) + jnp.einsum(site.equation, x, sparse.astype(x.dtype))
 
     def optimizer_overrides(self, config):
         return {"candidate_grads": optax.identity()}
@@ -234,7 +245,7 @@ class Spiel(MethodBase):
         # Every leaf lists entries of the layer's flattened weight: they spread over the
         # weight's mesh axes (by count, not position: the entries sit anywhere in it).
         return {"layers": {
-            module: dict.fromkeys(entry, ("layers", PARAM_AXES[module][1:]))
+            module: dict.fromkeys(entry, ("layers", linear_site(model, module).weight_axes[1:]))
             for module, entry in delta["layers"].items()
         }}
 
