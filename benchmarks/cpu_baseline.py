@@ -46,7 +46,7 @@ def measure_load(model: str) -> dict:
 
 def measure_generation(model_name: str, repeats: int) -> dict:
     import jft
-    from jft.generation import generate_tokens
+    from jft.inference.generation import generate_tokens
 
     model = jft.load(model_name, dtype="float32")
     prompts = [model.encode_prompt(p, chat=True) for p in
@@ -72,7 +72,7 @@ def measure_training(model_name: str, repeats: int) -> dict:
 
     import jft
     from jft.peft import create
-    from jft.train_step import init_state, train_step
+    from jft.training.step import init_state, train_step
 
     model = jft.load(model_name, dtype="float32")
     base, adapter = create("lora", jax.random.key(0), model.params, model.config, r=16,

@@ -10,7 +10,7 @@ three ways:
   backward pass, every layer) and the loss over the whole [B, T, V] float32 logits: jft
   before this change;
 - `blockwise+whole`: `jft.models.attention.blockwise_attention`, whole logits;
-- `blockwise+chunked`: blockwise attention and `jft.train_step`'s chunked cross-entropy
+- `blockwise+chunked`: blockwise attention and `jft.training.step`'s chunked cross-entropy
   (float32 logits of at most LOSS_CHUNK_BYTES per chunk, recomputed in the backward
   pass): the default now.
 
@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jft import train_step as step_module
 from jft.models import ModelConfig, RopeConfig, init_params
 from jft.objectives import sft
 from jft.peft import create
 from jft.peft.optim import masked_optimizer
+from jft.training import step as step_module
 
 SMOLLM2_SHAPE = ModelConfig(
     family="llama", vocab_size=49152, embed_dim=576, num_layers=30, num_heads=9,

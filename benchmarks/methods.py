@@ -4,7 +4,7 @@
     python benchmarks/methods.py --model M --methods full lora s2ft --batch-size 8 \\
         --seq-len 512 --remat dots --json results.json
 
-For each method the training step (`jft.train_step.train_step`, AdamW through
+For each method the training step (`jft.training.step.train_step`, AdamW through
 `masked_optimizer`) is compiled on the same random batch, and the script reports:
 
 - XLA's `memory_analysis()` of the compiled step: argument, temporary, output and aliased
@@ -137,7 +137,7 @@ def measure(method: str, options: dict, params, model_config, batch, args) -> di
 
     from jft.peft import create
     from jft.peft.optim import masked_optimizer
-    from jft.train_step import init_state, train_step
+    from jft.training.step import init_state, train_step
 
     base, adapter = create(method, jax.random.key(args.seed), params, model_config, [batch],
                            **options)

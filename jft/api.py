@@ -11,12 +11,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
-from jft.generation import Sampling, generate_tokens
+from jft.formats.loading import load_checkpoint
+from jft.inference.generation import Sampling, generate_tokens
 from jft.models import PARAM_AXES, ModelConfig, forward
 from jft.sharding import LogicalRules
-from jft.tokenizer import Tokenizer
+from jft.text.tokenizer import Tokenizer
 
 
 @dataclass
@@ -112,9 +112,9 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     config = checkpoint.config.replace(dtype=compute_dtype)
     params, adapters = checkpoint.params, []
     if adapter is not None:
-        from jft.adapter_format import is_jft_adapter, load_jft_adapter
-        from jft.checkpointing import load_adapter
-        from jft.peft_format import is_peft_adapter, load_peft_adapter
+        from jft.formats.jft_adapter import is_jft_adapter, load_jft_adapter
+        from jft.formats.peft_adapter import is_peft_adapter, load_peft_adapter
+        from jft.training.checkpoints import load_adapter
 
         read = (load_peft_adapter if is_peft_adapter(adapter) else
                 load_jft_adapter if is_jft_adapter(adapter) else load_adapter)

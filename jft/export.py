@@ -65,30 +65,30 @@ def main(argv: list[str]) -> int:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     if args.format == "merged":
-        from jft.hf_export import write_hf_dir
+        from jft.formats.hf_export import write_hf_dir
 
         write_hf_dir(model, partial, args.dtype)
     elif args.format == "gguf":
-        from jft.gguf_export import write_gguf_file
-        from jft.hf_export import merged_params
+        from jft.formats.gguf_export import write_gguf_file
+        from jft.formats.hf_export import merged_params
 
         partial.mkdir(parents=True)
         write_gguf_file(model.config, merged_params(model), model.tokenizer,
                         partial / "model.gguf", args.quant)
     elif args.format == "peft":
-        from jft.bundled import HUB_IDS
-        from jft.peft_format import save_peft_adapter
+        from jft.formats.bundled import HUB_IDS
+        from jft.formats.peft_adapter import save_peft_adapter
 
         partial.mkdir(parents=True)
         save_peft_adapter(model.adapters[0], model.config, partial,
                           HUB_IDS.get(str(model_name), str(model_name)))
     else:
-        from jft.adapter_format import save_jft_adapter
+        from jft.formats.jft_adapter import save_jft_adapter
 
         partial.mkdir(parents=True)
         save_jft_adapter(model.adapters[0], model.config, partial, str(model_name))
     if out.exists():
-        from jft.run_outputs import free_name
+        from jft.training.outputs import free_name
 
         aside = free_name(out)
         shutil.move(str(out), aside)
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
 
 
 def _check_expressible(method: str, format: str) -> None:
-    from jft.peft_format import PEFT_METHODS
+    from jft.formats.peft_adapter import PEFT_METHODS
 
     mergeable = method not in UNMERGEABLE
     can = [f for f, ok in (("merged", mergeable), ("gguf", mergeable),
@@ -111,7 +111,7 @@ def _check_expressible(method: str, format: str) -> None:
 
 def _run_model(source: Path) -> str:
     """The base a run (its config.yaml) or a jft adapter (its jft_adapter.json) names."""
-    from jft.adapter_format import CONFIG_FILE
+    from jft.formats.jft_adapter import CONFIG_FILE
 
     if source.parent.name == "checkpoints":  # RUN/checkpoints/N
         source = source.parents[1]

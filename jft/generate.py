@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import jft
-    from jft.generation import Sampling
+    from jft.inference.generation import Sampling
 
     if args.max_new_tokens < 1:
         raise JftError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

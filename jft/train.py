@@ -57,8 +57,8 @@ def main(argv: list[str]) -> int:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
-    from jft.config import load_config
     from jft.sharding.distributed import initialize, is_main_process
+    from jft.training.config import load_config
 
     # Before anything touches a device: the runtime must know every host's devices.
     initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
 def fine_tune(config: str | None, overrides: Sequence[str] = (), overwrite: bool = False
               ) -> Path:
     """`python -m jft.train` from Python (notebooks): trains, and returns the run directory."""
-    from jft.config import load_config
+    from jft.training.config import load_config
 
     run = Run(load_config(config, list(overrides)), overwrite=overwrite)
     run.train()
@@ -87,11 +87,11 @@ class Run:
 
     def __init__(self, config, overwrite: bool = False):
         import jft
-        from jft.checkpointing import RunCheckpoints, base_fingerprint
-        from jft.run_outputs import prepare_run_dir
         from jft.sharding import make_rules
         from jft.sharding.distributed import barrier, from_main, is_main_process
         from jft.sharding.placement import bytes_per_device, total_bytes
+        from jft.training.checkpoints import RunCheckpoints, base_fingerprint
+        from jft.training.outputs import prepare_run_dir
 
         self.started = time.perf_counter()
         self.config = config
@@ -135,7 +135,7 @@ class Run:
     def _read_data(self):
         """The training batcher, the eval batches and the exact-match examples: each file
         read and tokenized once (calibration batches come from the same tokens)."""
-        from jft.data import batcher, read_split
+        from jft.training.data import batcher, read_split
 
         config, tokenizer = self.config, self.model.tokenizer
         _, self.train_tokens = read_split(self.data_config, tokenizer)
@@ -158,7 +158,7 @@ class Run:
         base placed on the mesh."""
         from jft.objectives import get_objective
         from jft.sharding.placement import put
-        from jft.train_step import ShardedSteps
+        from jft.training.step import ShardedSteps
 
         base, adapter = self._create_adapter()
         self.optimizer = self._optimizer(adapter)
@@ -172,8 +172,8 @@ class Run:
         self.model.params = None
 
     def _create_adapter(self):
-        from jft.data import batcher
         from jft.peft import create
+        from jft.training.data import batcher
 
         method = self.config.method
         calibration = None
@@ -189,8 +189,8 @@ class Run:
         return self.state.adapters[0]
 
     def _optimizer(self, adapter):
-        from jft.config import build_optimizer, build_schedule, wrap_accumulation
         from jft.peft.optim import masked_optimizer
+        from jft.training.config import build_optimizer, build_schedule, wrap_accumulation
 
         train = self.config.train
         self.schedule = build_schedule(train)  # the optimiser's, and the logged rate's
@@ -207,7 +207,7 @@ class Run:
         self.start_step = int(meta["step"])
 
     def save(self, step: int):
-        from jft.adapter_format import architecture
+        from jft.formats.jft_adapter import architecture
         from jft.peft.factory import config_to_options
 
         if step == self.last_saved:  # e.g. a finished run started again
@@ -224,15 +224,15 @@ class Run:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
-        from jft.run_outputs import (
+        from jft.sharding.distributed import agree
+        from jft.training.outputs import (
             EVAL_BEFORE_FILE,
             MetricsLog,
             Throughput,
             flops_per_token,
             write_loss_curve,
         )
-        from jft.sharding.distributed import agree
-        from jft.train_step import refresh_state
+        from jft.training.step import refresh_state
 
         config, train = self.config, self.config.train
         # Drops whatever was logged after the checkpoint being resumed (all of it when the
@@ -343,8 +343,8 @@ class Run:
     def _exact_match(self) -> tuple[float, list[dict]]:
         """The fraction of eval examples whose greedy completion equals the reference, and
         each example's prompt, reference, generation and whether they match."""
-        from jft.data import exact_match
-        from jft.generation import generate_tokens
+        from jft.inference.generation import generate_tokens
+        from jft.training.data import exact_match
 
         tokenizer = self.model.tokenizer
         generated = generate_tokens(
@@ -362,7 +362,7 @@ class Run:
     def _summary(self, step: int, records: list[dict], tokens_per_s: float | None) -> str:
         """The closing block: how far the run got, its final metrics, where its files are,
         and how to generate with the adapter."""
-        from jft.run_outputs import (
+        from jft.training.outputs import (
             EVAL_BEFORE_FILE,
             GENERATIONS_FILE,
             LOSS_CURVE_FILE,
@@ -413,7 +413,7 @@ class _EvalExample(NamedTuple):
 
 def _eval_examples(records, tokenizer, data_config, eval_config) -> list[_EvalExample]:
     """The eval examples exact match is scored on."""
-    from jft.data import completion_reference
+    from jft.training.data import completion_reference
 
     examples = list(islice(records, eval_config.max_examples))
     out = []

@@ -20,7 +20,6 @@ try:
 except ImportError:  # a future jaxlib without the Triton backend
     pltriton = None
 
-PLATFORMS = ("cpu", "gpu", "tpu")
 # TPU vector registers are 8 sublanes x 128 lanes (32-bit); a block's last two dims must
 # be multiples of (8, 128) or whole dims. Triton's tl.dot needs every dim >= 16.
 TPU_LANES = 128

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jft.checkpoint import load_checkpoint
+from jft.formats.loading import load_checkpoint
 from tests.hf_reference import save_hf_model
 
 # The slowest files first. Two xdist workers take a file each (pyproject's addopts), and

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jft
-from jft.hf_export import write_hf_dir
-from jft.safetensors_io import SafetensorsFile
+from jft.formats.hf_export import write_hf_dir
+from jft.formats.safetensors_io import SafetensorsFile
 from tests.hf_reference import VOCAB, hf_logits, make_hf_model
 
 TOKENS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 11))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import jft
-from jft.bundled import bundled_path
-from jft.default_chat_templates import GEMMA
-from jft.generation import generate_tokens
+from jft.formats.bundled import bundled_path
+from jft.inference.generation import generate_tokens
+from jft.text.default_chat_templates import GEMMA
 
 PROMPTS = [
     "The capital of France is",
@@ -90,7 +90,7 @@ def test_peft_export_names_the_hub_id_and_loads_over_the_gguf_base_offline(tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jft.adapter_format import save_jft_adapter
+    from jft.formats.jft_adapter import save_jft_adapter
     from jft.peft import Adapter, create
 
     name = "smollm2-135m-instruct"

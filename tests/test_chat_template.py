@@ -1,4 +1,5 @@
-"""jft.chat_template renders like transformers' apply_chat_template and contains hostile code."""
+"""jft.text.chat_template renders like transformers' apply_chat_template and contains
+hostile code."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from jft import chat_template
-from jft.chat_template import render
 from jft.errors import JftError
+from jft.text import chat_template
+from jft.text.chat_template import render
 
 MESSAGES = [
     {"role": "system", "content": "Be <b>brief</b> & kind."},

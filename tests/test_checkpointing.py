@@ -7,13 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from jft.adapter_format import architecture
-from jft.checkpointing import RunCheckpoints, base_fingerprint, load_adapter
 from jft.errors import JftError
+from jft.formats.jft_adapter import architecture
 from jft.models import ModelConfig, RopeConfig, init_params
 from jft.peft import create
 from jft.peft.factory import config_to_options
-from jft.train_step import init_state
+from jft.training.checkpoints import RunCheckpoints, base_fingerprint, load_adapter
+from jft.training.step import init_state
 
 MODEL = ModelConfig(
     family="llama", vocab_size=32, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -9,7 +9,9 @@ import optax
 import pytest
 import yaml
 
-from jft.config import (
+from jft.errors import JftError
+from jft.peft import REGISTRY, make_config
+from jft.training.config import (
     TrainConfig,
     TrainSection,
     build_optimizer,
@@ -18,8 +20,6 @@ from jft.config import (
     load_config,
     wrap_accumulation,
 )
-from jft.errors import JftError
-from jft.peft import REGISTRY, make_config
 
 FULL_YAML = """\
 model: smollm2-135m-instruct

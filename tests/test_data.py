@@ -1,4 +1,5 @@
-"""jft.data: reading, loss masks on the real SmolLM2 tokenizer, packing, bucketing and resuming."""
+"""jft.training.data: reading, loss masks on the real SmolLM2 tokenizer, packing, bucketing
+and resuming."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jft.bundled import bundled_path
-from jft.data import (
+from jft.errors import JftError
+from jft.formats.bundled import bundled_path
+from jft.formats.gguf_file import GGUFFile
+from jft.text.tokenizer import Tokenizer, load_tokenizer_from_gguf
+from jft.training.data import (
     Batcher,
     DataConfig,
     TokenizedExample,
@@ -28,9 +32,6 @@ from jft.data import (
     tokenize_example,
     tokenize_examples,
 )
-from jft.errors import JftError
-from jft.gguf_file import GGUFFile
-from jft.tokenizer import Tokenizer, load_tokenizer_from_gguf
 
 IM_END = "<|im_end|>"
 

@@ -170,7 +170,7 @@ SHARDED = textwrap.dedent(
     from jft.peft.base import partition
     from jft.peft.optim import masked_optimizer
     from jft.sharding import LogicalRules, use_rules
-    from jft.train_step import init_state, train_step
+    from jft.training.step import init_state, train_step
     from tests.hf_reference import random_params
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,

@@ -17,7 +17,7 @@ import pytest
 import jft
 from jft.api import Model
 from jft.errors import JftError
-from jft.hf_export import write_hf_dir
+from jft.formats.hf_export import write_hf_dir
 from jft.peft import Adapter, create, get_method
 from jft.peft.base import partition
 from tests.gguf_writer import write_gguf
@@ -176,7 +176,7 @@ JFT_FORMAT_CASES = [
 
 @pytest.mark.parametrize("method, options", JFT_FORMAT_CASES, ids=[c[0] for c in JFT_FORMAT_CASES])
 def test_jft_adapter_format_round_trips_over_the_unmodified_base(method, options, tmp_path):
-    from jft.adapter_format import load_jft_adapter, save_jft_adapter
+    from jft.formats.jft_adapter import load_jft_adapter, save_jft_adapter
 
     source = tmp_path / "source"
     save_hf_model("llama", source)
@@ -193,7 +193,7 @@ def test_jft_adapter_format_round_trips_over_the_unmodified_base(method, options
 
 
 def test_jft_adapter_for_another_base_is_refused(tmp_path):
-    from jft.adapter_format import load_jft_adapter, save_jft_adapter
+    from jft.formats.jft_adapter import load_jft_adapter, save_jft_adapter
 
     source = tmp_path / "source"
     save_hf_model("llama", source)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from jft.checkpoint import load_checkpoint
-from jft.generation import Sampling, generate_tokens, sample
+from jft.formats.loading import load_checkpoint
+from jft.inference.generation import Sampling, generate_tokens, sample
 from jft.models import forward, init_cache
 from tests.hf_reference import VOCAB, save_hf_model
 

@@ -14,14 +14,14 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 import jft
-from jft.bundled import bundled_path
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
-from jft.gguf_export import _tensor_type, _write_tokenizer, write_gguf_file
-from jft.gguf_file import GGUFFile
+from jft.formats.bundled import bundled_path
+from jft.formats.gguf_export import _tensor_type, _write_tokenizer, write_gguf_file
+from jft.formats.gguf_file import GGUFFile
+from jft.formats.loading import load_checkpoint
 from jft.models import ModelConfig
 from jft.models.config import RopeConfig
-from jft.tokenizer import load_tokenizer_from_gguf
+from jft.text.tokenizer import load_tokenizer_from_gguf
 from tests.gguf_writer import write_gguf
 from tests.hf_reference import TINY_CONFIGS, make_hf_model, save_hf_model
 

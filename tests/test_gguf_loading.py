@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
+from jft.formats.loading import load_checkpoint
 from jft.models import config_from_hf, forward, param_shapes
 from jft.models.tensor_names import TOP_LEVEL, layer_sources
 from tests.gguf_writer import K_QUANTS, quantize, unpermute_rotary, write_gguf
@@ -55,7 +55,7 @@ TRANSFORMERS_OVERRIDES = {
     "gemma3": ("query_pre_attn_scalar", "rope_parameters"),
 }
 
-# Every quantization jft accepts (jft.gguf_file.SUPPORTED_TYPES) other than F32.
+# Every quantization jft accepts (jft.formats.gguf_file.SUPPORTED_TYPES) other than F32.
 QUANT_TYPES = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *K_QUANTS]
 
 # Rows of 256 and 512 values, so that every weight fills whole K-quant blocks.

@@ -15,12 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-from jft.bundled import bundled_path
+from jft.formats.bundled import bundled_path
 
 MEASURE = """
 import sys
 import jax, jax.numpy as jnp
-from jft.checkpoint import load_checkpoint
+from jft.formats.loading import load_checkpoint
 
 def rss(field):
     for line in open("/proc/self/status"):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
+from jft.formats.loading import load_checkpoint
 from jft.models import forward
 from jft.models.sites import TRANSFORMER_SITES, linear_site
 from jft.peft import REGISTRY, Adapter, MethodBase, lora_inits, register

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jft.checkpoint import load_checkpoint
+from jft.formats.loading import load_checkpoint
 from jft.models import forward
 from tests.hf_reference import TINY_CONFIGS, VOCAB, hf_logits, save_hf_model
 

@@ -146,3 +146,12 @@ def test_lora_on_attention_stacked_with_bitfit_merges_to_the_same_model(params):
     # 4 layers, rank 4: q and o are 256 -> 256, k and v 256 -> 128.
     assert counts == {"lora": 4 * 4 * (2 * (256 + 256) + 2 * (256 + 128)),
                       "bitfit": 4 * (256 * 3 + 128 * 2 + 1024 * 2)}
+
+
+def test_every_registered_method_implements_the_method_protocol():
+    from jft.peft import REGISTRY
+    from jft.peft.base import Method
+
+    assert len(REGISTRY) >= 12
+    for name, method in REGISTRY.items():
+        assert isinstance(method, Method), name

@@ -13,10 +13,10 @@ import torch
 
 import jft
 from jft.errors import JftError
+from jft.formats.peft_adapter import is_peft_adapter, load_peft_adapter, save_peft_adapter
 from jft.models import forward
 from jft.peft import Adapter, create, get_method, ia3, lora
 from jft.peft.prefix_tuning import bake
-from jft.peft_format import is_peft_adapter, load_peft_adapter, save_peft_adapter
 from tests.hf_reference import VOCAB, hf_logits, save_hf_model
 
 TOKENS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 7))

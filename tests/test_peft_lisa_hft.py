@@ -18,7 +18,7 @@ from jft.peft import create, hft, lisa, make_config
 from jft.peft.active_layers import gated_matmul
 from jft.peft.base import combine, partition
 from jft.peft.optim import masked_optimizer
-from jft.train_step import init_state, refresh_state, train_step
+from jft.training.step import init_state, refresh_state, train_step
 from tests.hf_reference import random_params
 
 # Untied head, qkv biases, q/k norms and post norms: every kind of layer param. Five

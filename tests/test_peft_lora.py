@@ -162,7 +162,7 @@ def test_bad_targets_and_ranks_name_the_problem(llama):
 
 
 def test_generation_with_an_unmerged_adapter_equals_the_merged_model(llama):
-    from jft.generation import generate_tokens
+    from jft.inference.generation import generate_tokens
 
     _, model, params = llama
     config = LoraConfig(r=4, alpha=16, targets="all-linear")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
+from jft.formats.loading import load_checkpoint
 from jft.models import forward
 from jft.models.transformer import init_cache
 from jft.peft.base import Adapter

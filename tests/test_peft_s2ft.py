@@ -16,7 +16,6 @@ import optax
 import pytest
 import torch
 
-from jft.config import wrap_accumulation
 from jft.errors import JftError
 from jft.models import ModelConfig, RopeConfig, forward
 from jft.models.sites import linear_site
@@ -24,7 +23,8 @@ from jft.models.transformer import Linear
 from jft.peft import Adapter, create, s2ft
 from jft.peft.named import forward_per_row
 from jft.peft.optim import masked_optimizer
-from jft.train_step import init_state, train_step
+from jft.training.config import wrap_accumulation
+from jft.training.step import init_state, train_step
 from tests.hf_reference import VOCAB, random_params
 
 _logits = jax.jit(forward, static_argnums=0)

@@ -20,7 +20,7 @@ from jft.objectives.sft import mean_loss
 from jft.peft import Adapter, Targets, make_config, spiel
 from jft.peft.base import combine, partition
 from jft.peft.optim import masked_optimizer
-from jft.train_step import init_state, refresh_state, train_step
+from jft.training.step import init_state, refresh_state, train_step
 
 MODEL = ModelConfig(
     family="llama", vocab_size=32, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,

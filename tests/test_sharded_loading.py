@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from jft.checkpoint import load_checkpoint
 from jft.errors import JftError
-from jft.gguf_file import GGUFFile
+from jft.formats.gguf_file import GGUFFile
+from jft.formats.loading import load_checkpoint
+from jft.formats.safetensors_io import SafetensorsFile
 from jft.models import PARAM_AXES, ModelConfig, RopeConfig, param_shapes
 from jft.models.tensor_names import TOP_LEVEL, layer_sources
-from jft.safetensors_io import SafetensorsFile
 from tests.gguf_writer import quantize, write_gguf
 from tests.hf_reference import make_hf_model, save_hf_model
 
@@ -38,11 +38,11 @@ SCRIPT = textwrap.dedent(
     process, port, models = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process,
                                initialization_timeout=60)
-    import jft.gguf_file, jft.safetensors_io
-    from jft.checkpoint import load_checkpoint
-    from jft.gguf_file import GGUFFile
+    import jft.formats.gguf_file, jft.formats.safetensors_io
+    from jft.formats.loading import load_checkpoint
+    from jft.formats.gguf_file import GGUFFile
     from jft.models import PARAM_AXES
-    from jft.safetensors_io import SafetensorsFile
+    from jft.formats.safetensors_io import SafetensorsFile
 
     reads = []  # (file, offset, bytes) of every tensor read
 
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(
         def __getattr__(self, name):
             return getattr(self.file, name)
 
-    jft.safetensors_io.open = jft.gguf_file.open = CountedFile
+    jft.formats.safetensors_io.open = jft.formats.gguf_file.open = CountedFile
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     RULES = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",

@@ -74,7 +74,7 @@ EQUIVALENCE = textwrap.dedent(
     from jft.peft.optim import masked_optimizer
     from jft.sharding import MeshConfig, make_rules
     from jft.sharding.placement import batch_shardings, bytes_per_device, put, total_bytes
-    from jft.train_step import ShardedSteps, init_state, train_step
+    from jft.training.step import ShardedSteps, init_state, train_step
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,

@@ -1,4 +1,4 @@
-"""jft.tokenizer against transformers, token for token, on real and generated checkpoints."""
+"""jft.text.tokenizer against transformers, token for token, on real and generated checkpoints."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 from jft.errors import JftError
-from jft.gguf_file import GGUFFile
-from jft.tokenizer import Tokenizer, load_tokenizer_from_dir, load_tokenizer_from_gguf
+from jft.formats.gguf_file import GGUFFile
+from jft.text.tokenizer import Tokenizer, load_tokenizer_from_dir, load_tokenizer_from_gguf
 
 TEXTS = [
     "Hello, world! How are you today?",

@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory):
     real), small enough that a training step takes milliseconds."""
     import transformers
 
-    from jft.bundled import bundled_path
+    from jft.formats.bundled import bundled_path
 
     directory = tmp_path_factory.mktemp("tiny")
     gguf = bundled_path("smollm2-135m-instruct")
@@ -172,7 +172,7 @@ def test_eval_generations_hold_each_answer_and_agree_with_exact_match(terminal_r
 
 
 def test_loss_curve_starts_at_the_before_training_eval(terminal_run):
-    from jft.run_outputs import loss_curve_series
+    from jft.training.outputs import loss_curve_series
 
     run, _ = terminal_run
     before = json.loads((run / "eval_before.json").read_text())["eval_loss"]

@@ -13,7 +13,7 @@ import pytest
 from jft.models import ModelConfig, RopeConfig, init_params
 from jft.objectives.sft import example_losses
 from jft.peft import create
-from jft.train_step import init_state, train_step
+from jft.training.step import init_state, train_step
 
 MODEL = ModelConfig(
     family="llama", vocab_size=48, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -170,7 +170,7 @@ def test_sharded_steps_train_any_objective_with_extra_batch_fields(params):
     from jft.peft.optim import masked_optimizer
     from jft.sharding import make_rules
     from jft.sharding.mesh import MeshConfig
-    from jft.train_step import ShardedSteps
+    from jft.training.step import ShardedSteps
 
     base, adapter = create("lora", jax.random.key(1), params, MODEL, r=4)
     adapter = dataclasses.replace(adapter, delta=jax.tree.map(lambda x: x + 0.05,

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token cross-entropy on the target tokens.
 
-A batch is a dict of [B, T] arrays (see `jft.data`): `tokens`, `segment_ids` (0 =
+A batch is a dict of [B, T] arrays (see `jft.training.data`): `tokens`, `segment_ids` (0 =
 padding), `positions`, and `loss_mask` (True where the token is a training target:
 completions only for prompt-completion and chat data). Token t is predicted from the
 positions before it in the same segment, so the first token of every example is never

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from jft.sharding.logical import active_rules
 Delta = dict[str, Any]
 
 
+@runtime_checkable
 class Method(Protocol):
     """One PEFT method; `MethodBase` gives every hook a no-op default.
 
@@ -198,15 +199,15 @@ class MethodBase:
         return jax.tree.map(lambda x: (None,) * x.ndim, delta)
 
 
-REGISTRY: dict[str, MethodBase] = {}
+REGISTRY: dict[str, Method] = {}
 
 
-def register(method: MethodBase) -> MethodBase:
+def register(method: Method) -> Method:
     REGISTRY[method.name] = method
     return method
 
 
-def get_method(name: str) -> MethodBase:
+def get_method(name: str) -> Method:
     if name not in REGISTRY:
         raise JftError(f"unknown PEFT method {name!r}; valid: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
@@ -222,7 +223,7 @@ class Adapter:
     config: Any = dataclasses.field(metadata=dict(static=True))
 
     @property
-    def impl(self) -> MethodBase:
+    def impl(self) -> Method:
         return get_method(self.method)
 
 

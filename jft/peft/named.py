@@ -58,10 +58,6 @@ class AdapterSet:
     def names(self) -> list[str]:
         return list(self._named)
 
-    @property
-    def active_name(self) -> str | None:
-        return self._active
-
     def active(self) -> tuple[Adapter, ...]:
         """The adapters to pass to `forward` (empty when disabled)."""
         return self._named[self._active] if self._active is not None else ()

@@ -22,13 +22,13 @@ import numpy as np
 import tokenizers
 from gguf import GGMLQuantizationType as Q
 
-from jft.checkpoint import ROTARY_PERMUTED, permute_rotary
 from jft.errors import JftError
+from jft.formats.loading import ROTARY_PERMUTED, permute_rotary
 from jft.models import ModelConfig, config_from_gguf
 from jft.models.checkpoint_fields import GGUFMetadata
 from jft.models.config import RopeConfig
 from jft.models.tensor_names import checkpoint_tensors
-from jft.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer  # the loader's splits by pre name
+from jft.text.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer  # the loader's splits by pre name
 
 QUANTS = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")

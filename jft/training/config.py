@@ -22,8 +22,8 @@ from typing import Any, Literal, Union
 import optax
 import yaml
 
-from jft.data import DataConfig
 from jft.errors import JftError
+from jft.training.data import DataConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
@@ -31,7 +31,7 @@ Kernels = Literal["auto", "pallas", "xla"]
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd", "adafactor", "lion"]
 
-BUNDLED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")  # as jft.bundled.BUNDLED
+BUNDLED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")  # as jft.formats.bundled.BUNDLED
 # LoRA inits that need calibration batches (PiSSA only needs the weights).
 DATA_DRIVEN_INITS = ("eva", "corda", "loraga")
 DATA_DRIVEN_SELECTIONS = ("activation", "gradient")  # S2FT's

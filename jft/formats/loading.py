@@ -24,17 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft import default_chat_templates
-from jft.bundled import BUNDLED, bundled_path
 from jft.errors import JftError
-from jft.gguf_file import GGUFFile
+from jft.formats.bundled import BUNDLED, bundled_path
+from jft.formats.gguf_file import GGUFFile
+from jft.formats.safetensors_io import SafetensorsFile
 from jft.models import ModelConfig, config_from_gguf, config_from_hf, param_shapes
 from jft.models.checkpoint_fields import GGUFMetadata
 from jft.models.tensor_names import TOP_LEVEL, Layout, Ranges, TensorSource, layer_sources
-from jft.safetensors_io import SafetensorsFile
+from jft.text import default_chat_templates
 
 if TYPE_CHECKING:
-    from jft.tokenizer import Tokenizer
+    from jft.text.tokenizer import Tokenizer
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -172,7 +172,7 @@ def _dir_tokenizer(directory: Path) -> Tokenizer | None:
     )
     if not has_files:
         return None
-    from jft.tokenizer import load_tokenizer_from_dir
+    from jft.text.tokenizer import load_tokenizer_from_dir
 
     return load_tokenizer_from_dir(directory)
 
@@ -181,7 +181,7 @@ def _dir_tokenizer(directory: Path) -> Tokenizer | None:
 
 
 def _load_gguf(path: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
-    from jft.tokenizer import load_tokenizer_from_gguf
+    from jft.text.tokenizer import load_tokenizer_from_gguf
 
     gguf_file = GGUFFile(path)
     tensors, fields = gguf_file.tensors, gguf_file.metadata

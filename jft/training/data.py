@@ -60,7 +60,7 @@ import numpy as np
 from jft.errors import JftError
 
 if TYPE_CHECKING:
-    from jft.tokenizer import Tokenizer
+    from jft.text.tokenizer import Tokenizer
 
 __all__ = [
     "Batcher",
@@ -99,7 +99,7 @@ _COUNTERS = ("examples", "tokens", "targets", "truncated", "dropped")
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """The `data` section of a training config (docs/config.md), and the settings of the
-    functions below. Bad values raise `JftError` naming the key; `jft.config` reads the
+    functions below. Bad values raise `JftError` naming the key; `jft.training.config` reads the
     field metadata (`required`, `min`) to report them against the config file."""
 
     # A .jsonl/.json/.parquet/.csv file, or a saved `datasets` folder (save_to_disk).

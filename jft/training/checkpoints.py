@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jft.errors import JftError
-from jft.train_step import TrainState
+from jft.training.step import TrainState
 
 
 class RunCheckpoints:
@@ -75,7 +75,7 @@ def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
     to an unmodified base where the method has one (`split`: S2FT's indexed form); the
     base is rewritten only for PiSSA-like inits (`rebase`). The delta lands on the default
     device, or sharded like its base over `rules`' mesh, whatever mesh the run trained on."""
-    from jft.adapter_format import check_architecture
+    from jft.formats.jft_adapter import check_architecture
     from jft.peft import Adapter, get_method, make_config
     from jft.sharding.placement import tree_shardings
 

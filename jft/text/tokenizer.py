@@ -21,8 +21,8 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from jft.chat_template import render
 from jft.errors import JftError
+from jft.text.chat_template import render
 
 # Tokens that end an assistant turn in the common chat formats; generation stops on any of them.
 _END_OF_TURN_TOKENS = (
@@ -417,7 +417,7 @@ _GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
 def load_tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
-    """The tokenizer embedded in a GGUF file's metadata (`jft.gguf_file.GGUFFile.metadata`)."""
+    """The tokenizer embedded in a GGUF file's metadata (`GGUFFile.metadata`)."""
     model = _gguf_value(metadata, "tokenizer.ggml.model", str)
     tokens = _gguf_value(metadata, "tokenizer.ggml.tokens", list)
     if model is None or tokens is None:

@@ -1,0 +1,1 @@
+"""Inference: batched generation with a KV cache, adapters applied unmerged."""
