@@ -182,7 +182,7 @@ class Run:
                               self.config.train.batch_size, self.config.train.seed + 1)
             calibration = [next(batches) for _ in range(method.calibration_batches)]
         return create(method.name, jax.random.key(self.config.train.seed), self.model.params,
-                      self.model_config, calibration, **method.options)
+                      self.model_config, calibration, method.config)
 
     @property
     def adapter(self):

@@ -147,7 +147,7 @@ def test_full_yaml_round_trips(tmp_path, files):
     assert reloaded.fingerprint() == config.fingerprint()
     assert from_dict(config.to_dict()) == config
     # The resolved options rebuild the same method config.
-    assert make_config("lora", config.method.options) == config.method.peft_config()
+    assert make_config("lora", config.method.options) == config.method.config
 
 
 def test_defaults(minimal):
@@ -170,7 +170,7 @@ def test_every_method_round_trips(files, method):
            "method": {"name": method}}
     config = from_dict(raw)
     assert from_dict(config.to_dict()) == config
-    assert config.method.peft_config() == make_config(method, {})
+    assert config.method.config == make_config(method, {})
     hash(make_config(method, config.method.options))  # the method's config stays hashable
 
 

@@ -91,6 +91,10 @@ class Method(Protocol):
     def refresh_every(self, config: Any) -> int:
         """Optimiser steps between `refresh` calls; 0: never."""
 
+    def needs_calibration(self, config: Any) -> bool:
+        """Whether `init` needs calibration batches (a few training batches: EVA, CorDA,
+        LoRA-GA, S2FT's activation and gradient selections)."""
+
     def refresh(self, delta: Delta, step: int, total_steps: int, key: jax.Array,
                 model: ModelConfig, config: Any) -> tuple[Delta, Any]:
         """Between two updates, every `refresh_every` steps: reselects what is trained
@@ -161,6 +165,10 @@ class MethodBase:
 
     def refresh_every(self, config) -> int:
         return 0
+
+    def needs_calibration(self, config) -> bool:
+        """Whether `init` reads calibration batches (data-driven inits and selections)."""
+        return False
 
     def refresh(self, delta, step, total_steps, key, model, config):
         raise NotImplementedError(f"{self.name} does not refresh")

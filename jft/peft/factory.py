@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,9 @@ def make_config(method: str, options: Mapping[str, Any]):
 
 
 def config_to_options(config) -> dict[str, Any]:
-    """A method config as the plain options `make_config` takes back (JSON-serialisable)."""
+    """A method config as the plain options `make_config` takes back: every option,
+    defaults included, as JSON/YAML values (for run files and adapter formats)."""
+    hints = typing.get_type_hints(type(config))
     options = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
@@ -51,10 +54,12 @@ def config_to_options(config) -> dict[str, Any]:
                 value.modules)
             if value.layers is not None:
                 options["layers_to_transform"] = list(value.layers)
-        elif field.name.endswith(("_pattern", "_options")) and isinstance(value, tuple):
-            options[field.name] = dict(value)
-        else:
-            options[field.name] = list(value) if isinstance(value, tuple) else value
+            continue
+        args = typing.get_args(hints[field.name])
+        if typing.get_origin(hints[field.name]) is tuple and args and typing.get_origin(
+                args[0]) is tuple:
+            value = dict(value)  # (key, value) pairs: PEFT's rank_pattern, init_options, ...
+        options[field.name] = list(value) if isinstance(value, tuple) else value
     return options
 
 
@@ -64,10 +69,15 @@ def create(
     base: dict,
     model: ModelConfig,
     calibration_batches: Sequence[Any] | None = None,
+    config: Any = None,
     **options,
 ) -> tuple[dict, Adapter]:
-    """A fresh adapter, and the base it applies to (rewritten only by PiSSA-like inits)."""
+    """A fresh adapter, and the base it applies to (rewritten only by PiSSA-like inits).
+    The method's settings: its typed `config` (e.g. a LoraConfig), or plain `options`."""
     impl = get_method(method)
-    config = make_config(method, options)
+    if config is None:
+        config = make_config(method, options)
+    elif options:
+        raise JftError(f"give {method}'s config or its options, not both")
     config, delta = impl.init_with_config(key, base, model, config, calibration_batches)
     return impl.rebase(base, delta, model, config), Adapter(delta, method, config)

@@ -34,6 +34,7 @@ from jft.models.sites import LinearSite, linear_site, site_index
 from jft.peft.base import MethodBase, Targets, as_targets, register, use_kernel
 
 INITS = ("default", "gaussian", "pissa", "eva", "corda", "loraga")
+DATA_DRIVEN_INITS = ("eva", "corda", "loraga")  # PiSSA needs only the weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,9 @@ class Lora(MethodBase):
             return y + lora
         ratio, wx = _dora(site, x, x_in, y, inner, entry, p, a, b, scale, dropout, layer)
         return y + (ratio - 1) * wx + ratio * lora
+
+    def needs_calibration(self, config):
+        return config.init in DATA_DRIVEN_INITS
 
     def init_with_config(self, key, base, model, config, calibration_batches=None):
         if config.init == "eva":  # EVA's rank redistribution settles per-layer ranks

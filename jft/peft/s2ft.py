@@ -57,6 +57,7 @@ from jft.models.transformer import logical_axes
 from jft.peft.base import MethodBase, numpy_rng, register, use_kernel
 
 SELECTIONS = ("random", "weight", "activation", "gradient")
+DATA_DRIVEN_SELECTIONS = ("activation", "gradient")
 # What a unit is, by logical axis: a KV head (its query heads move with it) or an FFN
 # channel. A linear trains its units' slice along whichever of these axes it has.
 UNIT_GROUPS = {"kv_heads": "attention", "heads": "attention", "mlp": "mlp"}
@@ -306,6 +307,9 @@ def _take(w, order, axis):
 class S2FT(MethodBase):
     name = "s2ft"
     Config = S2FTConfig
+
+    def needs_calibration(self, config):
+        return config.selection in DATA_DRIVEN_SELECTIONS
 
     def init(self, key, base, model, config, calibration_batches=None):
         if config.layout != "permuted":

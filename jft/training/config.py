@@ -32,9 +32,6 @@ Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd", "adafactor", "lion"]
 
 BUNDLED_MODELS = ("smollm2-135m-instruct", "gemma3-270m")  # as jft.formats.bundled.BUNDLED
-# LoRA inits that need calibration batches (PiSSA only needs the weights).
-DATA_DRIVEN_INITS = ("eva", "corda", "loraga")
-DATA_DRIVEN_SELECTIONS = ("activation", "gradient")  # S2FT's
 
 # Keys that do not change what a run computes, so an existing output_dir still holds the
 # same run when only these differ (see fingerprint() and docs/config.md).
@@ -62,26 +59,32 @@ def _field(default, **metadata):
 
 @dataclasses.dataclass(frozen=True)
 class MethodSection:
-    """`method`: the PEFT method's name, its own options, and calibration for data inits."""
+    """`method`: the PEFT method's name, its typed config (e.g. a LoraConfig, built and
+    validated once by jft.peft.make_config) and calibration batches for data-driven inits."""
 
     name: str = "lora"
     calibration_batches: int = _field(8, min=1)
-    # The method's own options, resolved: every option of the method's config, defaults
-    # filled in, as plain values (validated by jft.peft.make_config). Pass them on as
-    # `jft.peft.create(name, key, base, model, calibration_batches, **options)`. A dict,
-    # so a MethodSection is not hashable; do not mutate it.
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    config: Any = None  # the method's Config; None: its defaults
 
-    def peft_config(self):
-        """The method's validated config dataclass (e.g. a LoraConfig)."""
-        from jft.peft import make_config
+    def __post_init__(self):
+        if self.config is None:
+            from jft.peft import make_config
 
-        return make_config(self.name, self.options)
+            object.__setattr__(self, "config", make_config(self.name, {}))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The config as plain values, every option with its default (what the run's
+        config.yaml and checkpoints record)."""
+        from jft.peft.factory import config_to_options
+
+        return config_to_options(self.config)
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.options.get("init") in DATA_DRIVEN_INITS
-                or self.options.get("selection") in DATA_DRIVEN_SELECTIONS)
+        from jft.peft import get_method
+
+        return get_method(self.name).needs_calibration(self.config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,33 +387,7 @@ def _build_method(raw: Mapping, context: _Context) -> MethodSection:
         key = _named_option(message, options)
         context.fail(f"method.{key}" if key else "method",
                      f"{'method.' + key if key else 'method'}: {message}")
-    return MethodSection(
-        name=name, calibration_batches=calibration, options=_resolved_options(peft, hints)
-    )
-
-
-def _resolved_options(peft, hints: Mapping[str, Any]) -> dict[str, Any]:
-    """Every option of a method config, defaults included, as plain YAML values.
-
-    make_config reads them back to an equal config.
-    """
-    from jft.peft import Targets
-
-    options = {}
-    for f in dataclasses.fields(peft):
-        value = getattr(peft, f.name)
-        if isinstance(value, Targets):
-            modules = value.modules
-            options[f.name] = modules if isinstance(modules, str) else list(modules)
-            if value.layers is not None:
-                options["layers_to_transform"] = list(value.layers)
-            continue
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        if typing.get_origin(kind) is tuple and args and typing.get_origin(args[0]) is tuple:
-            value = dict(value)  # (key, value) pairs: PEFT's rank_pattern, init_options, ...
-        options[f.name] = _plain(value)
-    return options
+    return MethodSection(name=name, calibration_batches=calibration, config=peft)
 
 
 def _named_option(message: str, options: Mapping[str, Any]) -> str | None:
