@@ -17,6 +17,7 @@ is called as `hooks.linear(site, x, layer)`, through the adapters that wrap it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -148,15 +149,7 @@ def forward(
     tokens = jnp.asarray(tokens, jnp.int32)  # [B, T]; nested Python lists too
     for adapter in adapters:
         params = adapter.impl.edit_params(params, adapter.delta, config, adapter.config)
-    dtype = jnp.dtype(config.dtype)
-    # Gathered whole first, as FSDP gathers every weight before use: a lookup into a
-    # vocab-sharded table would make XLA replicate the batch instead.
-    table = constrain(params["embed"], (None, None))
-    x = jnp.take(table, tokens, axis=0).astype(dtype)  # [B, T, D]
-    if config.embed_scale:
-        # HF multiplies by sqrt(D) rounded to the activation dtype, inside its embedding
-        # module: prompt-tuning's virtual tokens (prepended below) are not scaled.
-        x = x * jnp.asarray(config.embed_dim**0.5, dtype)
+    x = embed(config, params, tokens)
     prompts = [
         p for a in adapters if (p := a.impl.prompt_embeddings(a.delta, a.config)) is not None
     ]
@@ -192,28 +185,15 @@ def forward(
         key_slots = jnp.arange(cache_len)
         key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, start))
         same_segment = None
-    masks = _attention_masks(config, query_slots, key_slots, key_valid, same_segment)
-    # Prefix-tuning keys sit at slots -P..-1: sliding layers see them only within the window.
-    prefix_slots = jnp.arange(prefix_len) - prefix_len
-    prefix_in_window = (
-        query_slots[:, None] - prefix_slots[None, :] < config.sliding_window
-        if config.sliding_window else jnp.ones((length, prefix_len), bool)
-    )  # [T, P]
-    rope = _rope_tables(config, positions)
+    inputs = layer_inputs(config, positions, query_slots, key_slots, key_valid, same_segment,
+                          prefix_len)
 
     def layer_step(x, scanned):
         layer, is_sliding, layer_cache, index, deltas = scanned
-        mask = jnp.where(is_sliding, masks[1], masks[0]) if masks[1] is not None else masks[0]
-        cos, sin = (
-            jax.tree.map(lambda g, l: jnp.where(is_sliding, l, g), rope[0], rope[1])
-            if rope[1] is not None
-            else rope[0]
-        )
         layer_rng = None if rng is None else jax.random.fold_in(rng, index)
         hooks = LayerHooks(config, index, tuple(zip(adapters, deltas, strict=True)), layer_rng,
-                           jnp.where(is_sliding, prefix_in_window, True))
-        x, new_cache = _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks)
-        return x, new_cache
+                           inputs.prefix_visible(is_sliding))
+        return decoder_layer(config, layer, x, is_sliding, inputs, hooks, layer_cache, start)
 
     step = _remat(layer_step, config.remat)
     is_sliding = jnp.asarray([t == "sliding" for t in config.layer_types])
@@ -223,8 +203,8 @@ def forward(
                layer_deltas)
     x, new_kv = jax.lax.scan(step, x, scanned)
 
-    x = rms_norm(x, params["final_norm"], config)[:, num_prepended:]
-    head = params["embed"] if config.tie_embeddings else params["lm_head"]
+    x, head = final_hidden(config, params, x)
+    x = x[:, num_prepended:]
     if return_hidden and cache is None:
         return x, head
     logits = output_logits(config, x, head)
@@ -232,6 +212,92 @@ def forward(
         return logits
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}
     return logits, new_cache
+
+
+# ---------------------------------------------------------------- the forward's steps
+# `forward` is embed -> layer_inputs -> decoder_layer per layer (scanned) -> final_hidden
+# -> output_logits. Each step is usable on its own: calibration statistics run the
+# layers one at a time, objectives compute logits a chunk at a time.
+
+
+def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """Token ids [B, T] -> the residual stream entering layer 0 [B, T, D]."""
+    dtype = jnp.dtype(config.dtype)
+    # Gathered whole first, as FSDP gathers every weight before use: a lookup into a
+    # vocab-sharded table would make XLA replicate the batch instead.
+    table = constrain(params["embed"], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)  # [B, T, D]
+    if config.embed_scale:
+        # HF multiplies by sqrt(D) rounded to the activation dtype, inside its embedding
+        # module: prompt-tuning's virtual tokens (prepended after this) are not scaled.
+        x = x * jnp.asarray(config.embed_dim**0.5, dtype)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What each layer reads besides the residual stream, for full and sliding layers:
+    attention masks [B, 1, T, S] and rotary tables ([B, T, H/2] cos, sin; the sliding
+    ones None where the model has none), and which prefix-tuning keys each query sees."""
+
+    masks: tuple[jax.Array, jax.Array | None]
+    rope: tuple[Any, Any]
+    prefix_in_window: jax.Array  # [T, P]
+
+    def for_layer(self, is_sliding) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(mask, cos, sin) of a layer; `is_sliding` may be traced (the layer scan)."""
+        full, sliding = self.masks
+        mask = full if sliding is None else jnp.where(is_sliding, sliding, full)
+        cos, sin = (self.rope[0] if self.rope[1] is None else jax.tree.map(
+            lambda g, l: jnp.where(is_sliding, l, g), self.rope[0], self.rope[1]))
+        return mask, cos, sin
+
+    def prefix_visible(self, is_sliding) -> jax.Array:
+        return jnp.where(is_sliding, self.prefix_in_window, True)
+
+
+def layer_inputs(config: ModelConfig, positions, query_slots, key_slots, key_valid,
+                 same_segment=None, prefix_len: int = 0) -> LayerInputs:
+    """Masks and rotary tables for queries at `query_slots` [T] (positions [B, T]) over
+    keys at `key_slots` [S] (`key_valid` [B, S]; `same_segment` [B, T, S] for packing)."""
+    masks = _attention_masks(config, query_slots, key_slots, key_valid, same_segment)
+    # Prefix-tuning keys sit at slots -P..-1: sliding layers see them only within the window.
+    prefix_slots = jnp.arange(prefix_len) - prefix_len
+    prefix_in_window = (
+        query_slots[:, None] - prefix_slots[None, :] < config.sliding_window
+        if config.sliding_window else jnp.ones((len(query_slots), prefix_len), bool)
+    )
+    return LayerInputs(masks, _rope_tables(config, positions), prefix_in_window)
+
+
+def packed_layer_inputs(config: ModelConfig, segment_ids: jax.Array) -> LayerInputs:
+    """`layer_inputs` of packed rows [B, T] with no cache: positions restart in each
+    segment, attention stays within it, padding (segment 0) is never attended to."""
+    batch, length = segment_ids.shape
+    slots = jnp.arange(length)
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    positions = _default_positions(batch, length, segment_ids, 0)
+    return layer_inputs(config, positions, slots, slots, segment_ids != 0, same_segment)
+
+
+# A family whose layers are not the transformer block (an MoE block, interleaved dense and
+# MoE layers) registers its own: same arguments, same (x, (k, v) cache) result.
+BLOCKS: dict[str, Any] = {}
+
+
+def decoder_layer(config: ModelConfig, layer, x, is_sliding, inputs: LayerInputs, hooks,
+                  layer_cache=None, start=0):
+    """One decoder layer of the model's family: (new residual stream, its (k, v) cache)."""
+    mask, cos, sin = inputs.for_layer(is_sliding)
+    block = BLOCKS.get(config.family, transformer_block)
+    return block(config, layer, x, mask, cos, sin, layer_cache, start, hooks)
+
+
+def final_hidden(config: ModelConfig, params: Params, x: jax.Array):
+    """The last layer's output normed, and the output head [V, D] (the embedding table
+    when tied): `output_logits` of the two are the logits."""
+    head = params["embed"] if config.tie_embeddings else params["lm_head"]
+    return rms_norm(x, params["final_norm"], config), head
 
 
 def output_logits(config: ModelConfig, x: jax.Array, head: jax.Array) -> jax.Array:
@@ -330,7 +396,7 @@ class Linear:
         return (out[1:] - bias).reshape(*dims_in, *dims_out), bias
 
 
-def _block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
+def transformer_block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
     """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
     dtype = x.dtype
     sites = {site.name: site for site in linear_sites(config)}

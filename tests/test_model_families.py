@@ -60,3 +60,29 @@ def test_config_reflects_family_features(pair):
     for field, value in expected.items():
         assert getattr(config, field) == value, field
     assert config.rope.kind == {"llama3": "llama3", "gemma3": "linear"}.get(family, "default")
+
+
+def test_the_public_steps_compose_to_forward(pair):
+    import jax
+
+    from jft.models.transformer import (
+        LayerHooks,
+        decoder_layer,
+        embed,
+        final_hidden,
+        output_logits,
+        packed_layer_inputs,
+    )
+
+    _, _, config, params = pair
+    tokens = _tokens(2, 9)
+    segments = np.array([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2])
+    x = embed(config, params, tokens)
+    inputs = packed_layer_inputs(config, segments)
+    for i in range(config.num_layers):
+        layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+        x, _ = decoder_layer(config, layer, x, config.layer_types[i] == "sliding", inputs,
+                             LayerHooks(config, i, ()))
+    logits = output_logits(config, *final_hidden(config, params, x))
+    expected = forward(config, params, tokens, segment_ids=segments)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5, rtol=0)

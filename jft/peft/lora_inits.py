@@ -62,14 +62,7 @@ import numpy as np
 from jft.errors import JftError
 from jft.models import ModelConfig
 from jft.models.sites import input_group, linear_site, linear_sites
-from jft.models.transformer import (
-    LayerHooks,
-    _attention_masks,
-    _block,
-    _default_positions,
-    _rope_tables,
-    forward,
-)
+from jft.models.transformer import LayerHooks, decoder_layer, embed, packed_layer_inputs
 from jft.peft.lora import LoraConfig, _column_norm, plan
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -228,30 +221,18 @@ class _CapturingHooks(LayerHooks):
 
 
 @partial(jax.jit, static_argnums=0)
-def _embed(model, embed, tokens):
+def _embed(model, table, tokens):
     """The residual stream entering layer 0, as `forward` computes it."""
-    dtype = jnp.dtype(model.dtype)
-    x = jnp.take(embed, tokens, axis=0).astype(dtype)
-    if model.embed_scale:
-        x = x * jnp.asarray(model.embed_dim**0.5, dtype)
-    return x
+    return embed(model, {"embed": table}, tokens)
 
 
 @partial(jax.jit, static_argnames=("model", "groups", "kind"))
 def _layer_step(layer, index, is_sliding, x, segment_ids, stat_mask, *, model, groups, kind):
     """One decoder layer of `forward` (no cache, no adapters): its output, and the
     statistics of the inputs of the linears in `groups`."""
-    batch, length = segment_ids.shape
-    positions = _default_positions(batch, length, segment_ids, 0)
-    slots = jnp.arange(length)
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    masks = _attention_masks(model, slots, slots, segment_ids != 0, same_segment)
-    rope = _rope_tables(model, positions)
-    mask = jnp.where(is_sliding, masks[1], masks[0]) if masks[1] is not None else masks[0]
-    cos, sin = (jax.tree.map(lambda g, s: jnp.where(is_sliding, s, g), rope[0], rope[1])
-                if rope[1] is not None else rope[0])
     hooks = _CapturingHooks(model, index)
-    x, _ = _block(model, layer, x, mask, cos, sin, None, 0, hooks)
+    x, _ = decoder_layer(model, layer, x, is_sliding, packed_layer_inputs(model, segment_ids),
+                         hooks)
     stats = {}
     for group in groups:
         inputs = hooks.inputs[group]
@@ -565,22 +546,18 @@ def _corda_factors(fixed, inverse, weight, layer, scale, *, in_axes, rank, kpm):
 # ---------------------------------------------------------------- LoRA-GA
 
 
-def next_token_loss(logits, tokens, segment_ids, loss_mask):
-    """Mean cross-entropy of predicting each target token from the one before, within a
-    segment (HF's causal-LM loss with labels = input_ids, -100 where not `loss_mask`)."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    keep = ((segment_ids[:, 1:] != 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
-            & loss_mask[:, 1:])
-    return jnp.sum(jnp.where(keep, nll, 0)) / jnp.maximum(jnp.sum(keep), 1)
-
-
 @partial(jax.jit, static_argnums=0)
 def _weight_gradients(model, weights, base, tokens, segment_ids, loss_mask):
+    """d loss / d W of the weights named in `weights`, the loss being training's own
+    (`jft.objectives.sft`: next-token cross-entropy on the target tokens)."""
+    from jft.objectives.sft import SFT
+
+    batch = {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": loss_mask,
+             "positions": None}
+
     def loss(weights):
         params = dict(base, layers=dict(base["layers"], **weights))
-        logits = forward(model, params, tokens, segment_ids=segment_ids)
-        return next_token_loss(logits, tokens, segment_ids, loss_mask)
+        return SFT.loss(model, params, (), batch, None)[0]
 
     return jax.grad(loss)(weights)
 
