@@ -112,12 +112,8 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     config = checkpoint.config.replace(dtype=compute_dtype)
     params, adapters = checkpoint.params, []
     if adapter is not None:
-        from jft.formats.jft_adapter import is_jft_adapter, load_jft_adapter
-        from jft.formats.peft_adapter import is_peft_adapter, load_peft_adapter
-        from jft.training.checkpoints import load_adapter
+        from jft.formats.adapters import load_adapter
 
-        read = (load_peft_adapter if is_peft_adapter(adapter) else
-                load_jft_adapter if is_jft_adapter(adapter) else load_adapter)
-        params, adapters = read(adapter, params, config, rules)
+        params, adapters = load_adapter(adapter, params, config, rules)
     return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters)
 

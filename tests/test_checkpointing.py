@@ -8,11 +8,12 @@ import optax
 import pytest
 
 from jft.errors import JftError
+from jft.formats.adapters import load_adapter
 from jft.formats.jft_adapter import architecture
 from jft.models import ModelConfig, RopeConfig, init_params
 from jft.peft import create
 from jft.peft.factory import config_to_options
-from jft.training.checkpoints import RunCheckpoints, base_fingerprint, load_adapter
+from jft.training.checkpoints import RunCheckpoints, base_fingerprint
 from jft.training.step import init_state
 
 MODEL = ModelConfig(

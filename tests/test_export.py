@@ -176,14 +176,15 @@ JFT_FORMAT_CASES = [
 
 @pytest.mark.parametrize("method, options", JFT_FORMAT_CASES, ids=[c[0] for c in JFT_FORMAT_CASES])
 def test_jft_adapter_format_round_trips_over_the_unmodified_base(method, options, tmp_path):
-    from jft.formats.jft_adapter import load_jft_adapter, save_jft_adapter
+    from jft.formats.adapters import load_adapter
+    from jft.formats.jft_adapter import save_jft_adapter
 
     source = tmp_path / "source"
     save_hf_model("llama", source)
     base = jft.load(source, dtype="float32", compute_dtype="float32")
     model = _trained(method, base, 3, **options)
     save_jft_adapter(model.adapters[0], model.config, tmp_path, str(source))
-    params, adapters = load_jft_adapter(tmp_path, base.params, base.config)
+    params, adapters = load_adapter(tmp_path, base.params, base.config)
     loaded = Model(base.config, params, base.tokenizer, base.source, adapters)
     np.testing.assert_allclose(np.asarray(loaded.logits(TOKENS)),
                                np.asarray(model.logits(TOKENS)), atol=1e-5)
@@ -193,7 +194,8 @@ def test_jft_adapter_format_round_trips_over_the_unmodified_base(method, options
 
 
 def test_jft_adapter_for_another_base_is_refused(tmp_path):
-    from jft.formats.jft_adapter import load_jft_adapter, save_jft_adapter
+    from jft.formats.adapters import load_adapter
+    from jft.formats.jft_adapter import save_jft_adapter
 
     source = tmp_path / "source"
     save_hf_model("llama", source)
@@ -202,4 +204,4 @@ def test_jft_adapter_for_another_base_is_refused(tmp_path):
     save_jft_adapter(model.adapters[0], model.config, tmp_path)
     other = base.config.replace(mlp_dim=base.config.mlp_dim * 2)
     with pytest.raises(JftError, match="made for a model with mlp_dim=96, this base has 192"):
-        load_jft_adapter(tmp_path, base.params, other)
+        load_adapter(tmp_path, base.params, other)

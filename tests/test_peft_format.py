@@ -13,7 +13,8 @@ import torch
 
 import jft
 from jft.errors import JftError
-from jft.formats.peft_adapter import is_peft_adapter, load_peft_adapter, save_peft_adapter
+from jft.formats.adapters import load_adapter
+from jft.formats.peft_adapter import is_peft_adapter, save_peft_adapter
 from jft.models import forward
 from jft.peft import Adapter, create, get_method, ia3, lora
 from jft.peft.prefix_tuning import bake
@@ -97,7 +98,7 @@ def test_round_trip_gives_the_same_delta(llama, case, tmp_path):
     _, _, loaded = llama
     base, adapter = _trained(case, loaded)
     save_peft_adapter(adapter, loaded.config, tmp_path)
-    _, (back,) = load_peft_adapter(tmp_path, base, loaded.config)
+    _, (back,) = load_adapter(tmp_path, base, loaded.config)
     expected = bake(adapter.delta) if case == "prefix_tuning" else adapter.delta
     assert back.method == adapter.method
     assert jax.tree.structure(back.delta) == jax.tree.structure(expected)
@@ -112,7 +113,7 @@ def test_pissa_round_trip_keeps_the_logits_with_doubled_rank(llama, tmp_path):
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (written["r"], written["lora_alpha"], written["rank_pattern"]) == (
         8, 16, {"up_proj": 4})
-    original, adapters = load_peft_adapter(tmp_path, loaded.params, loaded.config)
+    original, adapters = load_adapter(tmp_path, loaded.params, loaded.config)
     np.testing.assert_allclose(
         np.asarray(_logits(loaded.config, original, TOKENS, adapters=adapters)),
         np.asarray(_logits(loaded.config, base, TOKENS, adapters=[adapter])), atol=1e-4, rtol=0)
@@ -174,15 +175,15 @@ def test_tensors_for_another_model_name_the_first_mismatch(llama, lora_dir):
     _rewrite_tensors(lora_dir, lambda t: {**t, key: t[key][:, :32]})  # hidden size 32
     with pytest.raises(JftError, match=rf"adapter_model.safetensors: tensor {key} has shape "
                                        r"\(4, 32\), expected \(4, 64\)"):
-        load_peft_adapter(lora_dir, loaded.params, loaded.config)
+        load_adapter(lora_dir, loaded.params, loaded.config)
     layer5 = key.replace("layers.0", "layers.5")
     _rewrite_tensors(lora_dir, lambda t: {**t, layer5: t[key]})
     with pytest.raises(JftError, match=r"layers\.5\..*is for layer 5, but the model has "
                                        r"layers 0\.\.2"):
-        load_peft_adapter(lora_dir, loaded.params, loaded.config)
+        load_adapter(lora_dir, loaded.params, loaded.config)
     _rewrite_tensors(lora_dir, lambda t: {k: v for k, v in t.items() if k not in (key, layer5)})
     with pytest.raises(JftError, match=f"lacks tensor {key}"):
-        load_peft_adapter(lora_dir, loaded.params, loaded.config)
+        load_adapter(lora_dir, loaded.params, loaded.config)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -196,7 +197,7 @@ def test_unsupported_options_are_refused_by_key(llama, lora_dir, edit, message):
     path = lora_dir / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     with pytest.raises(JftError, match=message):
-        load_peft_adapter(lora_dir, loaded.params, loaded.config)
+        load_adapter(lora_dir, loaded.params, loaded.config)
 
 
 def test_methods_peft_cannot_express_are_refused(llama, tmp_path):

@@ -60,10 +60,10 @@ def save_jft_adapter(adapter, model: ModelConfig, directory: Path,
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_jft_adapter(directory: Path, base, model: ModelConfig, rules=None):
-    """(the base it applies to, [Adapter]) from a jft adapter directory; the delta sharded
-    like its base over `rules`' mesh when given."""
-    from jft.peft import Adapter, get_method, make_config
+def read_jft_adapter(directory: Path, model: ModelConfig):
+    """(method, config, delta on the host) of a jft adapter directory, refused over a base
+    of another architecture. `jft.formats.adapters.load_adapter` places and applies it."""
+    from jft.peft import make_config
 
     directory = Path(directory)
     path = directory / CONFIG_FILE
@@ -76,18 +76,11 @@ def load_jft_adapter(directory: Path, base, model: ModelConfig, rules=None):
         raise JftError(f"{path}: version {config.get('version')!r}; this jft reads version "
                        f"{FORMAT_VERSION}")
     check_architecture(saved, model, path)
-    peft_config = make_config(method, options)
     delta: dict = {}
     for key, value in load_file(directory / TENSORS_FILE).items():
         node = delta
         *parents, leaf = key.split("/")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = jax.numpy.asarray(value)
-    impl = get_method(method)
-    if rules is not None:
-        from jft.sharding.placement import put, tree_shardings
-
-        delta = put(delta, tree_shardings(rules, delta, impl.delta_axes(delta, model,
-                                                                        peft_config)))
-    return impl.rebase(base, delta, model, peft_config), [Adapter(delta, method, peft_config)]
+        node[leaf] = value
+    return method, make_config(method, options), delta

@@ -29,7 +29,7 @@ import numpy as np
 from jft.errors import JftError
 from jft.models import ModelConfig
 from jft.models.sites import HF_LAYER, linear_site, linear_sites
-from jft.peft import Adapter, Targets, get_method, prefix_tuning, prompt_tuning
+from jft.peft import Adapter, Targets, prefix_tuning, prompt_tuning
 from jft.peft import ia3 as ia3_method
 from jft.peft import lora as lora_method
 
@@ -198,10 +198,10 @@ def _prefix_to_peft(delta, config, model):
 # ---------------------------------------------------------------- reading
 
 
-def load_peft_adapter(directory, base, model: ModelConfig, rules=None):
-    """(base, [Adapter]) from a PEFT adapter directory for this architecture; the delta is
-    sharded like its base over `rules`' mesh when given. Tensors that do not fit the model
-    and options jft does not implement are refused, naming the first key at fault."""
+def read_peft_adapter(directory, base, model: ModelConfig):
+    """(method, config, delta) of a PEFT adapter directory for this architecture. Tensors
+    that do not fit the model and options jft does not implement are refused, naming the
+    first key at fault. `jft.formats.adapters.load_adapter` places and applies it."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     try:
@@ -224,19 +224,7 @@ def load_peft_adapter(directory, base, model: ModelConfig, rules=None):
     reader = {"lora": _lora_from_peft, "ia3": _ia3_from_peft, "prompt_tuning": _prompt_from_peft,
               "prefix_tuning": _prefix_from_peft}[method]
     delta, config = reader(options, tensors, base, model, weights_path)
-    delta = _place(delta, method, config, model, rules)
-    return base, [Adapter(delta, method, config)]
-
-
-def _place(delta, method, config, model, rules):
-    import jax
-
-    if rules is None:
-        return jax.tree.map(jnp.asarray, delta)
-    from jft.sharding.placement import tree_shardings
-
-    axes = get_method(method).delta_axes(delta, model, config)
-    return jax.device_put(delta, tree_shardings(rules, delta, axes))
+    return method, config, delta
 
 
 def _check_options(options, method, config_path):

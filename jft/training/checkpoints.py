@@ -69,15 +69,15 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
-    """The adapter of a run's latest checkpoint (or of `RUN/checkpoints/N` itself) over
-    `base`: (the base it applies to, [Adapter]). The adapter is in the form that applies
-    to an unmodified base where the method has one (`split`: S2FT's indexed form); the
-    base is rewritten only for PiSSA-like inits (`rebase`). The delta lands on the default
-    device, or sharded like its base over `rules`' mesh, whatever mesh the run trained on."""
+def read_run_adapter(run_dir: str | os.PathLike, model, rules=None):
+    """(method, config, delta) of a run's latest checkpoint (or of `RUN/checkpoints/N`
+    itself), in the form that applies to an unmodified base where the method has one
+    (`split`: S2FT's indexed form). The delta is restored straight onto its place (sharded
+    like its base over `rules`' mesh, whatever mesh the run trained on); only its leaves
+    of the train state are read. `jft.formats.adapters.load_adapter` applies it."""
+    from jft.formats.adapters import delta_shardings
     from jft.formats.jft_adapter import check_architecture
-    from jft.peft import Adapter, get_method, make_config
-    from jft.sharding.placement import tree_shardings
+    from jft.peft import get_method, make_config
 
     run_dir, step = Path(run_dir).absolute(), None
     if run_dir.parent.name == "checkpoints" and run_dir.name.isdigit():  # one checkpoint
@@ -109,11 +109,7 @@ def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
     else:
         abstract = _stored_delta({k: jax.ShapeDtypeStruct(m.shape, m.dtype)
                                   for k, m in stored.state.items()})
-    if rules is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    else:
-        shardings = tree_shardings(rules, abstract, impl.delta_axes(abstract, model, config))
+    shardings = delta_shardings(impl, abstract, model, config, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
     if separate:
@@ -128,7 +124,7 @@ def load_adapter(run_dir: str | os.PathLike, base, model, rules=None):
         delta = jax.tree.map(lambda path: restored[path], _delta_paths(abstract, as_path=True))
     manager.close()
     delta, config = impl.split(delta, model, config)
-    return impl.rebase(base, delta, model, config), [Adapter(delta, meta["method"], config)]
+    return meta["method"], config, delta
 
 
 # The first adapter's delta inside a flattened TrainState: `_flatten`'s key paths start so.

@@ -1,0 +1,45 @@
+"""Loading an adapter, whatever its format: a `python -m jft.train` run directory (its
+Orbax checkpoints), a PEFT adapter directory (`adapter_config.json`) or jft's own
+(`jft_adapter.json`). Each format's reader gives (method, config, delta); placing the
+delta and rebasing the base happen here, once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+from jft.models import ModelConfig
+
+
+def load_adapter(path: str | os.PathLike, base: dict, model: ModelConfig, rules=None):
+    """(the base the adapter applies to, [Adapter]): the delta lands on the default device,
+    or sharded like its base over `rules`' mesh. The base is rewritten only for inits that
+    rewrite it (PiSSA and kin: `rebase`)."""
+    from jft.formats.jft_adapter import is_jft_adapter, read_jft_adapter
+    from jft.formats.peft_adapter import is_peft_adapter, read_peft_adapter
+    from jft.peft import Adapter, get_method
+    from jft.training.checkpoints import read_run_adapter
+
+    path = Path(path)
+    if is_peft_adapter(path):
+        method, config, delta = read_peft_adapter(path, base, model)
+    elif is_jft_adapter(path):
+        method, config, delta = read_jft_adapter(path, model)
+    else:
+        method, config, delta = read_run_adapter(path, model, rules)
+    impl = get_method(method)
+    delta = jax.device_put(delta, delta_shardings(impl, delta, model, config, rules))
+    return impl.rebase(base, delta, model, config), [Adapter(delta, method, config)]
+
+
+def delta_shardings(impl, delta, model: ModelConfig, config, rules=None):
+    """Where each leaf of a (possibly abstract) delta goes: sharded like the base weight
+    it changes over `rules`' mesh (the method's `delta_axes`), else the default device."""
+    if rules is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, delta)
+    from jft.sharding.placement import tree_shardings
+
+    return tree_shardings(rules, delta, impl.delta_axes(delta, model, config))
