@@ -72,13 +72,17 @@ def measure_training(model_name: str, repeats: int) -> dict:
 
     import jft
     from jft.peft import create
-    from jft.training.step import init_state, train_step
+    from jft.sharding import MeshConfig, make_rules
+    from jft.sharding.placement import put
+    from jft.training.step import ShardedSteps
 
     model = jft.load(model_name, dtype="float32")
     base, adapter = create("lora", jax.random.key(0), model.params, model.config, r=16,
                            alpha=32, targets="all-linear")
-    optimizer = optax.adamw(1e-4)
-    state = init_state([adapter], optimizer, 0)
+    # The step `python -m jft.train` runs, on one device.
+    steps = ShardedSteps(model.config, optax.adamw(1e-4),
+                         make_rules(MeshConfig(), jax.devices()[:1]), base, [adapter], 0)
+    base, state = put(base, steps.params), steps.initial_state
     batch_size, length = 4, 256
     rng = np.random.default_rng(0)
     batch = {
@@ -87,12 +91,12 @@ def measure_training(model_name: str, repeats: int) -> dict:
         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length)),
         "loss_mask": np.ones((batch_size, length), bool),
     }
-    state, metrics = train_step(model.config, optimizer, state, base, batch)  # compile
+    state, metrics = steps.train(state, base, batch)  # compile
     float(metrics["loss"])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        state, metrics = train_step(model.config, optimizer, state, base, batch)
+        state, metrics = steps.train(state, base, batch)
         float(metrics["loss"])
         times.append(time.perf_counter() - start)
     median = statistics.median(times)

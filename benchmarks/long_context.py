@@ -59,7 +59,7 @@ def measure(model, params, batch_size, seq_len, chunk_bytes, steps):
              "segment_ids": jnp.ones(shape, jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), shape),
              "loss_mask": jnp.ones(shape, bool)}
-    # A fresh jit: the module's cached train_step was traced with the other chunk size.
+    # A fresh jit per variant: a cached trace would keep the chunk size it was traced with.
     step = jax.jit(step_module._train_step, static_argnums=(0, 1), donate_argnums=2)
     compiled = step.lower(model, optimizer, state, base, batch).compile()
     stats = compiled.memory_analysis()

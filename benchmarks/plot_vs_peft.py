@@ -36,7 +36,6 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("results", nargs="+", type=Path, help="vs_peft.py --json files")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--title", help="figure title (default: device and dtype)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

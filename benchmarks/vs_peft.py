@@ -11,7 +11,7 @@
 One step is forward, backward and an AdamW update (lr 1e-4, weight decay 1e-4, betas
 0.9/0.999, eps 1e-8), with the batch's own tokens as labels, on random weights:
 
-- `jft`: `jft.training.step.train_step` built exactly as `benchmarks/methods.py` builds it
+- `jft`: `jft.training.step._train_step` jitted exactly as `benchmarks/methods.py` does
   (`measure`: the method's adapter from `jft.peft.create`, `masked_optimizer(optax.adamw)`,
   the state donated), params from `jft.models.init_params`;
 - `torch` and `torch.compile`: `LlamaForCausalLM` from the `LlamaConfig` that jft's own
@@ -504,7 +504,6 @@ def build_parser() -> ArgumentParser:
                         help="seconds one case may take (then recorded as a timeout)")
     parser.add_argument("--deadline", type=float,
                         help="seconds the whole call may take: later cases are not run")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

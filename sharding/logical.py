@@ -5,6 +5,11 @@ Model code names every parameter and activation dimension with a logical axis
 and never mentions a mesh. A `LogicalRules` context, set up by the trainer, maps
 those names to mesh axes; outside one, `constrain` does nothing, so the same model
 code runs unsharded on one device.
+
+Written here rather than taken from Flax's logical partitioning, which maps names the
+same way but leaves a mesh axis that does not divide a dimension to fail at placement:
+these rules replicate such a dimension with a warning naming the tensor (a 9-head model
+on a 2-way tensor axis still runs), and the model code needs no Flax.
 """
 
 from __future__ import annotations

@@ -164,13 +164,14 @@ def test_parked_layers_shard_exactly_like_the_base(adapters, case):
 SHARDED = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jft.models import ModelConfig, RopeConfig, param_axes
+    from jax.sharding import Mesh, PartitionSpec as P
+    from jft.models import ModelConfig, RopeConfig
     from jft.peft import create
     from jft.peft.base import partition
     from jft.peft.optim import masked_optimizer
-    from jft.sharding import LogicalRules, use_rules
-    from jft.training.step import init_state, train_step
+    from jft.sharding import LogicalRules, MeshConfig, make_rules
+    from jft.sharding.placement import put
+    from jft.training.step import ShardedSteps
     from tests.hf_reference import random_params
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
@@ -185,7 +186,7 @@ SHARDED = textwrap.dedent(
     rules = LogicalRules(mesh, (("batch", ("data", "fsdp")), ("embed", "fsdp"),
                                 ("heads", "tensor"), ("kv_heads", "tensor"),
                                 ("mlp", "tensor"), ("vocab", "tensor")))
-    sharded_batch = jax.device_put(batch, NamedSharding(mesh, P(("data", "fsdp"))))
+    one_device = make_rules(MeshConfig(), jax.devices()[:1])
 
     # method: (options, a large delta leaf that must end up sharded, its spec)
     CASES = {
@@ -209,36 +210,42 @@ SHARDED = textwrap.dedent(
                                  is_leaf=lambda a: isinstance(a, tuple))
         return jax.device_put(tree, shardings)
 
-    def steps(adapters, base, batch):
+    def leaf_at(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree
+
+    def train(on, adapters, base):
+        # (trained adapters, their trainable deltas in numpy, last loss) of two steps
+        # with the logical-axis rules `on`.
         optimizer = masked_optimizer(optax.sgd(0.5), adapters)
-        state = init_state(adapters, optimizer, 0)
-        # init_state's key and counters sit on one device; on the mesh (replicated) the
-        # second step reuses the first step's compile.
-        state = jax.device_put(state, jax.tree.map(
-            lambda x: x.sharding if len(x.devices()) > 1 else NamedSharding(mesh, P()), state))
+        steps = ShardedSteps(config, optimizer, on, base, adapters, 0)
+        base, state = put(base, steps.params), steps.initial_state
         for _ in range(2):
-            state, metrics = train_step(config, optimizer, state, base, batch)
+            state, metrics = steps.train(state, base, batch)
         trained = partition(state.adapters)[0]
-        return [jax.tree.map(np.asarray, a.delta) for a in trained], float(metrics["loss"])
+        return (state.adapters, [jax.tree.map(np.asarray, a.delta) for a in trained],
+                float(metrics["loss"]))
 
     for group in GROUPS:
         base, adapters = params, []
         for method in group:
             base, adapter = create(method, jax.random.key(1), base, config, **CASES[method][0])
             adapters.append(adapter)
-        expected, expected_loss = steps(adapters, base, batch)
+        _, expected, expected_loss = train(one_device, adapters, base)
         sharded = []
         for adapter in adapters:
             axes = adapter.impl.delta_axes(adapter.delta, config, adapter.config)
             delta = place(adapter.delta, axes)
             _, path, spec = CASES[adapter.method]
-            leaf = delta
-            for key in path:
-                leaf = leaf[key]
+            leaf = leaf_at(delta, path)
             assert leaf.sharding.spec == spec, (adapter.method, leaf.sharding.spec)
             sharded.append(type(adapter)(delta, adapter.method, adapter.config))
-        with use_rules(rules):
-            got, loss = steps(sharded, place(base, param_axes(base)), sharded_batch)
+        trained, got, loss = train(rules, sharded, base)
+        for adapter in trained:  # the step keeps each delta in its layout
+            _, path, spec = CASES[adapter.method]
+            leaf = leaf_at(adapter.delta, path)
+            assert leaf.sharding.spec == spec, (adapter.method, "trained", leaf.sharding.spec)
         np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, err_msg=str(group))
         for method, g, e in zip(group, got, expected, strict=True):
             assert any(np.abs(x).sum() > 0 for x in jax.tree.leaves(e)), method

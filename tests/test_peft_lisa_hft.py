@@ -18,8 +18,9 @@ from jft.peft import create, hft, lisa, make_config
 from jft.peft.active_layers import gated_matmul
 from jft.peft.base import combine, partition
 from jft.peft.optim import masked_optimizer
-from jft.training.step import init_state, refresh_state, train_step
+from jft.training.step import refresh_state
 from tests.hf_reference import random_params
+from tests.steps import SftTracedOnce, one_device_steps
 
 # Untied head, qkv biases, q/k norms and post norms: every kind of layer param. Five
 # layers: HFT's modules then get padding slots (3 slots, some used by 2 layers only).
@@ -164,11 +165,12 @@ def test_lisa_trains_only_its_active_layers_and_switches_without_recompiling(bas
     rebased, adapter = create("lisa", jax.random.key(3), base, MODEL, activated_layers=2,
                               interval_steps=3)
     optimizer = masked_optimizer(optax.adam(1e-2), [adapter])
-    state = init_state([adapter], optimizer, seed=0)
+    # The step raises if it is traced again: switches must not recompile it.
+    steps = one_device_steps(MODEL, optimizer, rebased, [adapter], objective=SftTracedOnce())
+    state = steps.initial_state
     impl, config = adapter.impl, adapter.config
     for step in (1, 2, 3):
-        state, _ = train_step(MODEL, optimizer, state, rebased, _batch(step))
-    compiled = train_step._cache_size()
+        state, _ = steps.train(state, rebased, _batch(step))
     before = _snapshot(state)
     first = set(before["active_layers"].tolist())
     merged = impl.merge(base, state.adapters[0].delta, MODEL, config)
@@ -176,7 +178,7 @@ def test_lisa_trains_only_its_active_layers_and_switches_without_recompiling(bas
     for name in ("embed", "lm_head", "final_norm"):
         assert not np.array_equal(np.asarray(merged[name]), np.asarray(base[name]))
 
-    state = refresh_state(MODEL, optimizer, state, 3, 10)  # a switch step
+    state = steps.replace(refresh_state(MODEL, optimizer, state, 3, 10))  # a switch step
     after = _snapshot(state)
     second = after["active_layers"].tolist()
     assert set(second) != first
@@ -190,9 +192,8 @@ def test_lisa_trains_only_its_active_layers_and_switches_without_recompiling(bas
     assert all(m.any() for m in _moments(state.opt_state, "embed"))  # always trained: kept
 
     for step in (4, 5):
-        state, _ = train_step(MODEL, optimizer, state, rebased, _batch(step))
-        state = refresh_state(MODEL, optimizer, state, step, 10)
-    assert train_step._cache_size() == compiled
+        state, _ = steps.train(state, rebased, _batch(step))
+        state = steps.replace(refresh_state(MODEL, optimizer, state, step, 10))
     merged_again = impl.merge(base, state.adapters[0].delta, MODEL, config)
     changed = _changed_layers(merged, merged_again)
     assert all(layers == set(second) for layers in changed.values())
@@ -202,16 +203,16 @@ def test_hft_trains_half_of_each_category_per_round_without_recompiling(base):
     rebased, adapter = create("hft", jax.random.key(3), base, MODEL, interval_steps=2)
     optimizer = masked_optimizer(optax.adam(1e-2), [adapter])
     assert _state_leaves(optimizer, adapter) == ["active"]  # half the linears, nothing else
-    state = init_state([adapter], optimizer, seed=0)
+    # The step raises if it is traced again: new rounds must not recompile it.
+    steps = one_device_steps(MODEL, optimizer, rebased, [adapter], objective=SftTracedOnce())
+    state = steps.initial_state
     impl, config = adapter.impl, adapter.config
     previous, rounds = base, []
     for round_start in (1, 3):
         for step in (round_start, round_start + 1):
-            state, _ = train_step(MODEL, optimizer, state, rebased, _batch(step))
-            if step == 1:
-                compiled = train_step._cache_size()
+            state, _ = steps.train(state, rebased, _batch(step))
             snapshot = _snapshot(state)
-            state = refresh_state(MODEL, optimizer, state, step, 10)
+            state = steps.replace(refresh_state(MODEL, optimizer, state, step, 10))
         merged = impl.merge(base, state.adapters[0].delta, MODEL, config)
         changed = _changed_layers(previous, merged)
         chosen = {m: set(v.tolist()) - {-1} for m, v in snapshot["active_layers"].items()}
@@ -225,7 +226,6 @@ def test_hft_trains_half_of_each_category_per_round_without_recompiling(base):
         previous = merged
     assert rounds[0] != rounds[1]
     assert all(not m.any() for m in _moments(state.opt_state, "active"))  # restarted
-    assert train_step._cache_size() == compiled
 
 
 def _state_leaves(optimizer, adapter):

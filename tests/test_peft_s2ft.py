@@ -24,8 +24,8 @@ from jft.peft import Adapter, create, s2ft
 from jft.peft.named import forward_per_row
 from jft.peft.optim import masked_optimizer
 from jft.training.config import wrap_accumulation
-from jft.training.step import init_state, train_step
 from tests.hf_reference import VOCAB, random_params
+from tests.steps import one_device_steps
 
 _logits = jax.jit(forward, static_argnums=0)
 
@@ -356,9 +356,10 @@ def test_gradient_accumulation_equals_one_big_batch(params):
     results = []
     for accumulate in (1, 2):
         optimizer = wrap_accumulation(masked_optimizer(optax.sgd(0.5), [adapter]), accumulate)
-        state = init_state([adapter], optimizer, 0)
+        steps = one_device_steps(MODEL, optimizer, base, [adapter])
+        state = steps.initial_state
         for part in np.split(tokens, accumulate):
-            state, _ = train_step(MODEL, optimizer, state, base, _batch(part))
+            state, _ = steps.train(state, base, _batch(part))
         results.append(state.adapters[0].delta["layers"])
     for module in s2ft.ATTENTION + s2ft.MLP:
         assert np.abs(results[0][module]).sum() > 0

@@ -20,7 +20,8 @@ from jft.objectives.sft import mean_loss
 from jft.peft import Adapter, Targets, make_config, spiel
 from jft.peft.base import combine, partition
 from jft.peft.optim import masked_optimizer
-from jft.training.step import init_state, refresh_state, train_step
+from jft.training.step import refresh_state
+from tests.steps import SftTracedOnce, one_device_steps
 
 MODEL = ModelConfig(
     family="llama", vocab_size=32, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -166,7 +167,7 @@ def _invalid(candidates, indices):
     return np.array(bad)
 
 
-def test_regrowth_swaps_smallest_values_for_largest_candidate_gradients(base):
+def test_regrowth_swaps_smallest_values_for_largest_candidate_gradients(base, monkeypatch):
     config = spiel.SpielConfig(targets=Targets(SOME_MODULES, (1,)), count=10,
                                reselection_steps=2, initial_reselection_rate=0.5,
                                candidates_per_replacement_slot=2)
@@ -180,18 +181,23 @@ def test_regrowth_swaps_smallest_values_for_largest_candidate_gradients(base):
     delta["layers"]["q_proj"] = dict(q, candidates=jnp.asarray(candidates))
     adapter = Adapter(delta, "spiel", config)
     optimizer = masked_optimizer(optax.adam(1e-2), [adapter])
-    state = init_state([adapter], optimizer, seed=0)
+    # Steps and regrowths raise if they are traced twice: nothing may recompile. (The
+    # regrowth is jitted afresh around its chex-wrapped body, as spiel.py jits it.)
+    steps = one_device_steps(MODEL, optimizer, base, [adapter], objective=SftTracedOnce())
+    monkeypatch.setattr(spiel, "_regrow", jax.jit(
+        chex.assert_max_traces(spiel._regrow.__wrapped__, n=1), static_argnums=(0, 1)))
+    state = steps.initial_state
     batch = _batch()
 
     # One step: candidate_grads holds the dense gradient at the candidates (values are 0).
     dense_grad = _dense_grad(base, batch)
-    state, _ = train_step(MODEL, optimizer, state, base, batch)
+    state, _ = steps.train(state, base, batch)
     for module, entry in state.adapters[0].delta["layers"].items():
         dw = np.asarray(dense_grad["layers"][module][1]).reshape(-1)
         _close(entry["candidate_grads"][1], dw[np.asarray(entry["candidates"][1])], atol=1e-6)
         assert not np.asarray(entry["candidate_grads"][0]).any()  # untargeted layer
         assert not np.asarray(entry["values"][0]).any()
-    state, _ = train_step(MODEL, optimizer, state, base, batch)
+    state, _ = steps.train(state, base, batch)
     assert refresh_state(MODEL, optimizer, state, 1, 10) is state  # not a refresh step
 
     # The invalid candidates get the largest sums, so a wrong validity check would grow them.
@@ -199,12 +205,12 @@ def test_regrowth_swaps_smallest_values_for_largest_candidate_gradients(base):
     grads = np.array(delta["layers"]["q_proj"]["candidate_grads"])
     grads[1, 0], grads[1, 4], grads[1, 5] = 100.0, 0.0, -100.0  # the repeat's first: valid, 0
     delta["layers"]["q_proj"] = dict(delta["layers"]["q_proj"], candidate_grads=jnp.asarray(grads))
-    state = dataclasses.replace(state, adapters=[Adapter(delta, "spiel", config)])
+    # Back in the step's layout, as production puts every state changed outside the step.
+    state = steps.replace(dataclasses.replace(state, adapters=[Adapter(delta, "spiel", config)]))
 
     before = _numpy_tree(state.adapters[0].delta["layers"])
     mu, nu = _numpy_tree(_adam_moments(state.opt_state))
-    steps_compiled = train_step._cache_size()
-    state = refresh_state(MODEL, optimizer, state, 2, 10)
+    state = steps.replace(refresh_state(MODEL, optimizer, state, 2, 10))
     after = _numpy_tree(state.adapters[0].delta["layers"])
     new_mu, new_nu = _numpy_tree(_adam_moments(state.opt_state))
 
@@ -247,15 +253,13 @@ def test_regrowth_swaps_smallest_values_for_largest_candidate_gradients(base):
         assert not _invalid(new["candidates"][1], new["indices"][1]).any()
         assert 0 <= new["candidates"].min() and new["candidates"].max() < SIZES[module]
 
-    # More steps and a second regrowth compile nothing new.
-    regrowths_compiled = spiel._regrow._cache_size()
+    # More steps and a second regrowth compile nothing new (a second trace would raise).
     for step in (3, 4):
-        state, metrics = train_step(MODEL, optimizer, state, base, batch)
+        state, metrics = steps.train(state, base, batch)
         assert bool(metrics["finite"])
-        state = refresh_state(MODEL, optimizer, state, step, 10)
-    state, _ = train_step(MODEL, optimizer, state, base, batch)
-    assert train_step._cache_size() == steps_compiled
-    assert spiel._regrow._cache_size() == regrowths_compiled
+        state = steps.replace(refresh_state(MODEL, optimizer, state, step, 10))
+    state, _ = steps.train(state, base, batch)
+    monkeypatch.undo()  # spiel's own _regrow again (KEY below sits outside the mesh)
     # Past selection_duration nothing swaps.
     late = spiel.SPIEL.refresh(state.adapters[0].delta, 10, 10, KEY, MODEL, config)
     for module in SOME_MODULES:

@@ -74,7 +74,7 @@ EQUIVALENCE = textwrap.dedent(
     from jft.peft.optim import masked_optimizer
     from jft.sharding import MeshConfig, make_rules
     from jft.sharding.placement import batch_shardings, bytes_per_device, put, total_bytes
-    from jft.training.step import ShardedSteps, init_state, train_step
+    from jft.training.step import ShardedSteps
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,
@@ -89,10 +89,12 @@ EQUIVALENCE = textwrap.dedent(
     for method, options in methods.items():
         base, adapter = create(method, jax.random.key(1), params, config, **options)
         optimizer = masked_optimizer(optax.adamw(1e-2), [adapter])
-        state = init_state([adapter], optimizer, 0)
-        expected = []
+        # The reference: the same steps on a mesh of one device.
+        one = ShardedSteps(config, optimizer, make_rules(MeshConfig(), jax.devices()[:1]), base,
+                           [adapter], 0)
+        state, expected = one.initial_state, []
         for _ in range(3):
-            state, metrics = train_step(config, optimizer, state, base, batch)
+            state, metrics = one.train(state, base, batch)
             expected.append(float(metrics["loss"]))
         expected_delta = state.adapters[0].delta
         for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2)):

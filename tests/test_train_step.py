@@ -13,7 +13,7 @@ import pytest
 from jft.models import ModelConfig, RopeConfig, init_params
 from jft.objectives.sft import example_losses
 from jft.peft import create
-from jft.training.step import init_state, train_step
+from tests.steps import one_device_steps
 
 MODEL = ModelConfig(
     family="llama", vocab_size=48, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -56,12 +56,12 @@ EXAMPLES = [list(np.random.default_rng(i).integers(1, 48, size=n)) for i, n in
 def test_lora_overfits_a_tiny_dataset(params):
     base, adapter = create("lora", jax.random.key(1), params, MODEL, r=16, alpha=32,
                            targets="all-linear")
-    optimizer = optax.adam(1e-2)
-    state = init_state([adapter], optimizer, seed=0)
+    steps = one_device_steps(MODEL, optax.adam(1e-2), base, [adapter])
+    state = steps.initial_state
     batch = _batch([_row(EXAMPLES[:2], 16), _row(EXAMPLES[2:], 16)])
     losses = []
     for _ in range(60):
-        state, metrics = train_step(MODEL, optimizer, state, base, batch)
+        state, metrics = steps.train(state, base, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.1 * losses[0], losses[::10]
 
@@ -78,16 +78,16 @@ def test_packed_and_unpacked_batches_give_the_same_per_example_losses(params):
 
 def test_non_finite_steps_are_skipped_and_counted(params):
     _, adapter = create("lora", jax.random.key(1), params, MODEL, r=4)
-    optimizer = optax.adam(1e-2)
-    state = init_state([adapter], optimizer, seed=0)
+    steps = one_device_steps(MODEL, optax.adam(1e-2), params, [adapter])
+    state = steps.initial_state
     batch = _batch([_row(EXAMPLES[:2], 16)])
     poisoned = dict(params, embed=params["embed"].at[EXAMPLES[0][0]].set(jnp.nan))
-    before = jax.tree.map(np.asarray, state.adapters)
-    state, metrics = train_step(MODEL, optimizer, state, poisoned, batch)
+    before = jax.tree.map(np.array, state.adapters)  # copies: the step donates the state
+    state, metrics = steps.train(state, poisoned, batch)
     assert not bool(metrics["finite"]) and int(state.bad_steps) == 1 and int(state.skipped) == 1
     for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.adapters), strict=True):
         np.testing.assert_array_equal(old, np.asarray(new))
-    state, metrics = train_step(MODEL, optimizer, state, params, batch)
+    state, metrics = steps.train(state, params, batch)
     assert bool(metrics["finite"]) and int(state.bad_steps) == 0 and int(state.skipped) == 1
 
 
@@ -97,12 +97,13 @@ def test_two_accumulated_half_batches_equal_one_full_batch(params):
     # Equal target counts, so the mean of the two halves' means is the full batch's mean.
     rows = [_row([example], 12) for example in (EXAMPLES[0], EXAMPLES[0][::-1])]
     sgd = optax.sgd(0.5)
-    full = init_state([adapter], sgd, 0)
-    full, _ = train_step(MODEL, sgd, full, params, _batch(rows))
-    accumulated_sgd = optax.MultiSteps(sgd, every_k_schedule=2)
-    accumulated = init_state([adapter], accumulated_sgd, 0)
+    full_steps = one_device_steps(MODEL, sgd, params, [adapter])
+    full, _ = full_steps.train(full_steps.initial_state, params, _batch(rows))
+    accumulated_steps = one_device_steps(MODEL, optax.MultiSteps(sgd, every_k_schedule=2),
+                                         params, [adapter])
+    accumulated = accumulated_steps.initial_state
     for row in rows:
-        accumulated, _ = train_step(MODEL, accumulated_sgd, accumulated, params, _batch([row]))
+        accumulated, _ = accumulated_steps.train(accumulated, params, _batch([row]))
     for a, b in zip(jax.tree.leaves(full.adapters), jax.tree.leaves(accumulated.adapters),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -168,9 +169,6 @@ class _DistillToBase:
 def test_sharded_steps_train_any_objective_with_extra_batch_fields(params):
     from jft.models import forward
     from jft.peft.optim import masked_optimizer
-    from jft.sharding import make_rules
-    from jft.sharding.mesh import MeshConfig
-    from jft.training.step import ShardedSteps
 
     base, adapter = create("lora", jax.random.key(1), params, MODEL, r=4)
     adapter = dataclasses.replace(adapter, delta=jax.tree.map(lambda x: x + 0.05,
@@ -178,8 +176,7 @@ def test_sharded_steps_train_any_objective_with_extra_batch_fields(params):
     batch = dict(_batch([_row(EXAMPLES[:2], 16), _row(EXAMPLES[2:], 16)]))
     batch["row_weight"] = jnp.asarray([1.0, 3.0])
     optimizer = masked_optimizer(optax.sgd(0.1), [adapter])
-    steps = ShardedSteps(MODEL, optimizer, make_rules(MeshConfig()), base, [adapter], 0,
-                         _DistillToBase())
+    steps = one_device_steps(MODEL, optimizer, base, [adapter], objective=_DistillToBase())
     state, metrics = steps.train(steps.initial_state, base, batch)
 
     tuned = np.asarray(forward(MODEL, base, batch["tokens"], adapters=[adapter]))

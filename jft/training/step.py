@@ -58,6 +58,8 @@ def _train_step(model: ModelConfig, optimizer: optax.GradientTransformation, sta
         has_aux=True,
     )(trainable)
     grad_norm = optax.global_norm(grads)
+    # optax.apply_if_finite counts the same, but inside the optimiser state: moving the
+    # counters there would change existing runs' checkpoint layout, which could not resume.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
     updates, opt_state = optimizer.update(safe_grads, state.opt_state, trainable)
@@ -72,10 +74,6 @@ def _train_step(model: ModelConfig, optimizer: optax.GradientTransformation, sta
     )
     metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
     return state, metrics
-
-
-train_step = jax.jit(_train_step, static_argnums=(0, 1), static_argnames="objective",
-                     donate_argnums=2)
 
 
 def refresh_state(model: ModelConfig, optimizer: optax.GradientTransformation,
