@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jft.models import ModelConfig, RopeConfig, init_params
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, init_params
 from jft.objectives import sft
 from jft.peft import create
 from jft.peft.optim import masked_optimizer
@@ -41,7 +41,7 @@ from jft.training import step as step_module
 SMOLLM2_SHAPE = ModelConfig(
     family="llama", vocab_size=49152, embed_dim=576, num_layers=30, num_heads=9,
     num_kv_heads=3, head_dim=64, mlp_dim=1536, norm_eps=1e-5, rope=RopeConfig(theta=100000.0),
-    layer_types=("full",) * 30, tie_embeddings=True, dtype="bfloat16",
+    layer_types=("full",) * 30, tie_embeddings=True, policy=RuntimePolicy(dtype="bfloat16"),
 )
 MIB = 2**20
 

@@ -87,7 +87,6 @@ one `error:` line and exit status 2. Chart: `benchmarks/plot_vs_peft.py`.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -107,6 +106,7 @@ from types import SimpleNamespace
 from jft.errors import JftError, run_cli
 from jft.generate import ArgumentParser
 from jft.models import ModelConfig, RopeConfig
+from jft.models.config import POLICY_FIELDS
 from jft.models.sites import linear_sites
 
 # Python puts this script's folder first on sys.path, where a sibling script can shadow a
@@ -140,10 +140,9 @@ JFT_METHODS: dict[str, tuple[str, dict]] = {
 }
 TORCH_METHODS = ("full", "lora", "dora")
 LORA_RANK, LORA_ALPHA = LORA_OPTIONS["r"], LORA_OPTIONS["alpha"]
-# ModelConfig's runtime policy fields (after the architecture) that --jft-config may set;
-# dtype and remat have flags of their own that set both frameworks alike.
-_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
-RUNTIME_FIELDS = tuple(f for f in _FIELDS[_FIELDS.index("dtype"):] if f not in ("dtype", "remat"))
+# The runtime policy fields that --jft-config may set; dtype and remat have flags of their
+# own that set both frameworks alike.
+RUNTIME_FIELDS = tuple(f for f in POLICY_FIELDS if f not in ("dtype", "remat"))
 
 
 def _llama(vocab: int, dim: int, layers: int, heads: int, kv_heads: int, head_dim: int,

@@ -12,7 +12,7 @@ from types import ModuleType
 from jft.errors import JftError
 from jft.models import gemma, gemma2, gemma3, llama, qwen2, qwen3
 from jft.models.checkpoint_fields import GGUFMetadata, HFConfig
-from jft.models.config import ModelConfig, RopeConfig
+from jft.models.config import ModelConfig, RopeConfig, RuntimePolicy
 from jft.models.sites import LinearSite, linear_sites
 from jft.models.transformer import (
     PARAM_AXES,
@@ -32,6 +32,7 @@ __all__ = [
     "LinearSite",
     "ModelConfig",
     "RopeConfig",
+    "RuntimePolicy",
     "config_from_gguf",
     "config_from_hf",
     "forward",

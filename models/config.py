@@ -1,8 +1,11 @@
-"""The architecture description shared by every family, and its rope settings.
+"""The architecture description shared by every family, its rope settings, and the
+runtime policy a forward pass runs under.
 
 Families differ in a handful of switches (qkv bias, q/k norms, Gemma's `1 + w` norms,
 soft-capping, sliding-window layers), so one config type and one forward pass serve
-them all. Each family file only knows how to fill this config from its checkpoint.
+them all. Each family file only knows how to fill this config from its checkpoint. What
+the checkpoint does not decide (compute dtype, remat, attention implementation, kernels)
+is a `RuntimePolicy` of its own, chosen by the caller.
 """
 
 from __future__ import annotations
@@ -59,8 +62,26 @@ def _llama3_frequencies(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class RuntimePolicy:
+    """How a forward pass runs, not what the checkpoint is: the dtype activations are
+    computed in (params keep their own dtype), the remat policy of the layer scan, the
+    attention implementation (`transformer.attention`), and whether adapters' fused Pallas
+    kernels replace their XLA paths (`jft.pallas_kernels`). `jft.load` and the run config
+    choose it; no checkpoint does."""
+
+    dtype: str = "bfloat16"
+    remat: RematPolicy = "none"
+    attention_impl: Literal["xla", "cudnn", "blockwise"] | None = None
+    kernels: Literal["auto", "pallas", "xla"] = "auto"
+
+
+POLICY_FIELDS = tuple(field.name for field in dataclasses.fields(RuntimePolicy))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer. Hashable, so it can be a static jit argument."""
+    """A decoder-only transformer's architecture, and the `policy` it runs under.
+    Hashable, so it can be a static jit argument."""
 
     family: str
     vocab_size: int
@@ -91,14 +112,7 @@ class ModelConfig:
     max_position: int = 8192
     bos_id: int | None = None
     eos_id: int | None = None
-    # Runtime policy, not architecture: the dtype activations are computed in
-    # (params keep their own dtype), the remat policy for the layer scan, the
-    # attention implementation handed to jax.nn.dot_product_attention, and whether
-    # adapters' fused Pallas kernels replace their XLA paths (`jft.pallas_kernels`).
-    dtype: str = "bfloat16"
-    remat: RematPolicy = "none"
-    attention_impl: Literal["xla", "cudnn", "blockwise"] | None = None
-    kernels: Literal["auto", "pallas", "xla"] = "auto"
+    policy: RuntimePolicy = RuntimePolicy()
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_layers:
@@ -116,8 +130,23 @@ class ModelConfig:
     def scale(self) -> float:
         return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
 
+    # The forward reads the policy's fields as the config's own.
+    dtype = property(lambda self: self.policy.dtype)
+    remat = property(lambda self: self.policy.remat)
+    attention_impl = property(lambda self: self.policy.attention_impl)
+    kernels = property(lambda self: self.policy.kernels)
+
     def replace(self, **changes) -> ModelConfig:
+        """A copy with `changes`, architecture fields or the policy's (`dtype=...`)."""
+        policy = {name: changes.pop(name) for name in POLICY_FIELDS if name in changes}
+        if policy:
+            changes["policy"] = dataclasses.replace(self.policy, **policy)
         return dataclasses.replace(self, **changes)
+
+    @property
+    def architecture(self) -> ModelConfig:
+        """This config under the default policy: what the checkpoint alone decides."""
+        return dataclasses.replace(self, policy=RuntimePolicy())
 
     def num_params(self) -> int:
         """Parameters as stored (tied embeddings counted once)."""

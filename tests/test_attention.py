@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft.models import ModelConfig, RopeConfig, forward, init_params
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, forward, init_params
 from jft.models import attention as attention_blocks
 from jft.models.attention import blockwise_attention
 
@@ -72,7 +72,7 @@ def test_long_sequences_take_the_blockwise_path_with_the_same_losses(monkeypatch
     model = ModelConfig(
         family="llama", vocab_size=32, embed_dim=32, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6, rope=RopeConfig(),
-        layer_types=("full", "full"), dtype="float32",
+        layer_types=("full", "full"), policy=RuntimePolicy(dtype="float32"),
     )
     params = init_params(model, jax.random.key(0), std=0.2)
     tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, 32)

@@ -10,7 +10,7 @@ import pytest
 from jft.errors import JftError
 from jft.formats.adapters import load_adapter
 from jft.formats.jft_adapter import architecture
-from jft.models import ModelConfig, RopeConfig, init_params
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, init_params
 from jft.peft import create
 from jft.peft.factory import config_to_options
 from jft.training.checkpoints import RunCheckpoints, base_fingerprint
@@ -19,7 +19,7 @@ from jft.training.step import init_state
 MODEL = ModelConfig(
     family="llama", vocab_size=32, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=8, mlp_dim=48, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
-    dtype="float32",
+    policy=RuntimePolicy(dtype="float32"),
 )
 
 

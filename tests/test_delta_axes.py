@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from jft.models import PARAM_AXES, ModelConfig, RopeConfig
+from jft.models import PARAM_AXES, ModelConfig, RopeConfig, RuntimePolicy
 from jft.peft import create
 from jft.peft.base import REGISTRY
 from jft.sharding import AXIS_NAMES
@@ -25,7 +25,7 @@ MODEL = ModelConfig(
     family="qwen3", vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=8, mlp_dim=48, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
     qkv_bias=True, o_bias=True, mlp_bias=True, qk_norm=True, post_norms=True,
-    dtype="float32",
+    policy=RuntimePolicy(dtype="float32"),
 )
 CASES = {
     "lora": ("lora", {}),
@@ -176,7 +176,9 @@ SHARDED = textwrap.dedent(
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,
-                         rope=RopeConfig(), layer_types=("full", "full"), dtype="float32")
+                         rope=RopeConfig(), layer_types=("full", "full"),
+                         policy=RuntimePolicy(dtype="float32"),
+    )
     params = random_params(config, std=0.2)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (4, 12)), jnp.int32)
     batch = {"tokens": tokens, "segment_ids": jnp.ones((4, 12), jnp.int32),

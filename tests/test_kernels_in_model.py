@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft.models import ModelConfig, RopeConfig, init_params
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, init_params
 from jft.objectives.sft import mean_loss
 from jft.pallas_kernels import use_pallas
 from jft.peft import create
@@ -17,7 +17,7 @@ from jft.peft.base import combine, partition, use_kernel
 MODEL = ModelConfig(
     family="llama", vocab_size=40, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=8, mlp_dim=48, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
-    dtype="float32",
+    policy=RuntimePolicy(dtype="float32"),
 )
 METHODS = {
     # [N, H] -> D, D -> [N, H] and D -> F layouts, a padded rank, rsLoRA's scale.

@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft.models import ModelConfig, RopeConfig, forward, init_params
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, forward, init_params
 from jft.peft import create, lora_bank, named
 from jft.peft.named import forward_per_row
 
 MODEL = ModelConfig(
     family="llama", vocab_size=48, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=16, mlp_dim=128, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
-    dtype="float32",
+    policy=RuntimePolicy(dtype="float32"),
 )
 # Row 1 packs two examples, rows 2 and 3 are right-padded; decode is one token per row.
 _SEGMENTS = np.array([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0, 0],

@@ -509,13 +509,15 @@ def test_bad_options_and_missing_calibration_raise(llama):
 
 
 def test_create_with_eva_redistributes_ranks_into_the_adapter_config():
-    from jft.models import ModelConfig, RopeConfig, init_params
+    from jft.models import ModelConfig, RopeConfig, RuntimePolicy, init_params
     from jft.peft import create
     from jft.peft.lora import plan
 
     model = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,
-                        rope=RopeConfig(), layer_types=("full", "full"), dtype="float32")
+                        rope=RopeConfig(), layer_types=("full", "full"),
+                        policy=RuntimePolicy(dtype="float32"),
+    )
     params = init_params(model, jax.random.key(0), std=0.3)
     batches = [{"tokens": jax.random.randint(jax.random.key(i), (2, 16), 0, 64)}
                for i in range(2)]

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jft.errors import JftError
-from jft.models import ModelConfig, RopeConfig, forward, init_params
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, forward, init_params
 from jft.peft import Adapter, get_method
 from jft.peft.lora import LORA, LoraConfig
 from jft.peft.named import AdapterSet, forward_per_row
@@ -18,7 +18,7 @@ from jft.peft.optim import labels, masked_optimizer
 MODEL = ModelConfig(
     family="llama", vocab_size=64, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=2,
     head_dim=64, mlp_dim=1024, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full",) * 4,
-    dtype="float32",
+    policy=RuntimePolicy(dtype="float32"),
 )
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(3, 8)))
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jft.errors import JftError
-from jft.models import ModelConfig, RopeConfig, forward
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, forward
 from jft.objectives.sft import mean_loss
 from jft.peft import create, hft, lisa, make_config
 from jft.peft.active_layers import gated_matmul
@@ -27,7 +27,7 @@ from tests.steps import SftTracedOnce, one_device_steps
 MODEL = ModelConfig(
     family="qwen3", vocab_size=32, embed_dim=16, num_layers=5, num_heads=4, num_kv_heads=2,
     head_dim=4, mlp_dim=24, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full",) * 5,
-    qkv_bias=True, qk_norm=True, post_norms=True, dtype="float32",
+    qkv_bias=True, qk_norm=True, post_norms=True, policy=RuntimePolicy(dtype="float32"),
 )
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")

@@ -179,12 +179,14 @@ def test_generation_with_an_unmerged_adapter_equals_the_merged_model(llama):
 def test_dora_leaves_untargeted_layers_alone_like_its_merge():
     """Training moves every magnitude; on layers outside layers_to_transform the forward
     pass must still use W unchanged, as the merge does."""
-    from jft.models import ModelConfig, RopeConfig, init_params
+    from jft.models import ModelConfig, RopeConfig, RuntimePolicy, init_params
     from jft.peft import create
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,
-                         rope=RopeConfig(), layer_types=("full", "full"), dtype="float32")
+                         rope=RopeConfig(), layer_types=("full", "full"),
+                         policy=RuntimePolicy(dtype="float32"),
+    )
     params = init_params(config, jax.random.key(0), std=0.2)
     base, adapter = create("lora", jax.random.key(1), params, config, dora=True,
                            targets=["q_proj"], layers_to_transform=[0])

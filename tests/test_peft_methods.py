@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jft.errors import JftError
-from jft.models import ModelConfig, RopeConfig, config_from_hf, forward, param_shapes
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, config_from_hf, forward, param_shapes
 from jft.models.sites import linear_site
 from jft.peft import Adapter, Targets, bitfit, full, ia3, norm_tuning, ssf
 from tests.hf_reference import VOCAB, hf_logits, make_hf_model, random_params
@@ -21,7 +21,7 @@ _logits = jax.jit(forward, static_argnums=0)
 MODEL = ModelConfig(
     family="qwen3", vocab_size=32, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=4, mlp_dim=24, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
-    qkv_bias=True, qk_norm=True, post_norms=True, dtype="float32",
+    qkv_bias=True, qk_norm=True, post_norms=True, policy=RuntimePolicy(dtype="float32"),
 )
 KEY = jax.random.key(0)  # the inits here ignore it
 TOKENS = np.random.default_rng(0).integers(0, 32, size=(2, 7))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from jft.errors import JftError
-from jft.models import ModelConfig, RopeConfig, forward
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, forward
 from jft.models.sites import linear_site
 from jft.models.transformer import Linear
 from jft.peft import Adapter, create, s2ft
@@ -33,7 +33,7 @@ _logits = jax.jit(forward, static_argnums=0)
 MODEL = ModelConfig(
     family="qwen2", vocab_size=32, embed_dim=16, num_layers=3, num_heads=4, num_kv_heads=2,
     head_dim=4, mlp_dim=24, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full",) * 3,
-    qkv_bias=True, o_bias=True, mlp_bias=True, dtype="float32",
+    qkv_bias=True, o_bias=True, mlp_bias=True, policy=RuntimePolicy(dtype="float32"),
 )
 ALL = dict(attention_modules=list(s2ft.ATTENTION), mlp_modules=list(s2ft.MLP))
 TOKENS = np.random.default_rng(0).integers(0, 32, size=(2, 7))

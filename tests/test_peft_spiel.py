@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from jft.errors import JftError
-from jft.models import ModelConfig, RopeConfig, forward, param_shapes
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, forward, param_shapes
 from jft.objectives.sft import mean_loss
 from jft.peft import Adapter, Targets, make_config, spiel
 from jft.peft.base import combine, partition
@@ -26,7 +26,7 @@ from tests.steps import SftTracedOnce, one_device_steps
 MODEL = ModelConfig(
     family="llama", vocab_size=32, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=4, mlp_dim=24, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
-    dtype="float32",
+    policy=RuntimePolicy(dtype="float32"),
 )
 # One layer's weight entries, from the shapes in models/transformer.py.
 SIZES = {"q_proj": 16 * 4 * 4, "k_proj": 16 * 2 * 4, "v_proj": 16 * 2 * 4,

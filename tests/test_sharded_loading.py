@@ -23,7 +23,7 @@ from jft.errors import JftError
 from jft.formats.gguf_file import GGUFFile
 from jft.formats.loading import load_checkpoint
 from jft.formats.safetensors_io import SafetensorsFile
-from jft.models import PARAM_AXES, ModelConfig, RopeConfig, param_shapes
+from jft.models import PARAM_AXES, ModelConfig, RopeConfig, RuntimePolicy, param_shapes
 from jft.models.tensor_names import TOP_LEVEL, layer_sources
 from tests.gguf_writer import quantize, write_gguf
 from tests.hf_reference import make_hf_model, save_hf_model
@@ -219,8 +219,10 @@ def test_each_process_reads_only_the_rows_of_its_shards(reports, model):
 
 CONFIG = ModelConfig(family="llama", vocab_size=12, embed_dim=10, num_layers=1, num_heads=4,
                      num_kv_heads=2, head_dim=6, mlp_dim=14, norm_eps=1e-6, rope=RopeConfig(),
-                     layer_types=("full",), dtype="float32", qkv_bias=True, o_bias=True,
-                     mlp_bias=True, qk_norm=True, post_norms=True)
+                     layer_types=("full",), qkv_bias=True, o_bias=True,
+                     mlp_bias=True, qk_norm=True, post_norms=True,
+                     policy=RuntimePolicy(dtype="float32"),
+)
 
 
 def test_layout_maps_any_jft_part_onto_the_checkpoint_block_holding_it():

@@ -69,7 +69,7 @@ EQUIVALENCE = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import PartitionSpec as P
-    from jft.models import ModelConfig, RopeConfig, init_params
+    from jft.models import ModelConfig, RuntimePolicy, RopeConfig, init_params
     from jft.peft import create
     from jft.peft.optim import masked_optimizer
     from jft.sharding import MeshConfig, make_rules
@@ -78,7 +78,9 @@ EQUIVALENCE = textwrap.dedent(
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,
-                         rope=RopeConfig(), layer_types=("full", "full"), dtype="float32")
+                         rope=RopeConfig(), layer_types=("full", "full"),
+                         policy=RuntimePolicy(dtype="float32"),
+    )
     params = init_params(config, jax.random.key(0), std=0.2)
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (8, 12), 0, 64))
     batch = {"tokens": tokens, "segment_ids": np.ones((8, 12), np.int32),

@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
-    from jft.models import ModelConfig, RopeConfig, forward, init_params, param_axes
+    from jft.models import ModelConfig, RuntimePolicy, RopeConfig, forward, init_params, param_axes
     from jft.sharding import LogicalRules, use_rules
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
@@ -25,7 +25,9 @@ SCRIPT = textwrap.dedent(
 
     config = ModelConfig(family="llama", vocab_size=64, embed_dim=32, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, norm_eps=1e-6,
-                         rope=RopeConfig(), layer_types=("full", "full"), dtype="float32")
+                         rope=RopeConfig(), layer_types=("full", "full"),
+                         policy=RuntimePolicy(dtype="float32"),
+    )
     params = init_params(config, jax.random.key(0), std=0.2)
     tokens = jax.random.randint(jax.random.key(1), (4, 12), 0, 64)
     expected = forward(config, params, tokens)

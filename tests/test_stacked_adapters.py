@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jft.models import ModelConfig, RopeConfig, forward
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, forward
 from jft.models import sites as model_sites
 from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_site
 from jft.models.transformer import LayerHooks
@@ -26,7 +26,7 @@ from tests.hf_reference import random_params
 MODEL = ModelConfig(
     family="qwen2", vocab_size=32, embed_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=4, mlp_dim=24, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
-    qkv_bias=True, mlp_bias=True, dtype="float32",
+    qkv_bias=True, mlp_bias=True, policy=RuntimePolicy(dtype="float32"),
 )
 SITES = ("v_proj", "down_proj")  # output-side and input-side units; IA3 scales y and x
 TARGETS = list(SITES)

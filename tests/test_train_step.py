@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jft.models import ModelConfig, RopeConfig, init_params
+from jft.models import ModelConfig, RopeConfig, RuntimePolicy, init_params
 from jft.objectives.sft import example_losses
 from jft.peft import create
 from tests.steps import one_device_steps
@@ -18,7 +18,7 @@ from tests.steps import one_device_steps
 MODEL = ModelConfig(
     family="llama", vocab_size=48, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=16, mlp_dim=128, norm_eps=1e-6, rope=RopeConfig(), layer_types=("full", "full"),
-    dtype="float32",
+    policy=RuntimePolicy(dtype="float32"),
 )
 
 

@@ -37,8 +37,8 @@ _FILE_TYPES = {
     Q.F16: gguf.LlamaFileType.MOSTLY_F16,
     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
-# Runtime policy and token ids (written from the tokenizer) are not architecture.
-_NOT_ARCHITECTURE = ("dtype", "remat", "attention_impl", "kernels", "bos_id", "eos_id")
+# Token ids are written from the tokenizer, not from the architecture.
+_NOT_ARCHITECTURE = ("policy", "bos_id", "eos_id")
 
 
 def write_gguf_file(config: ModelConfig, params: dict, tokenizer: Tokenizer | None,
