@@ -106,7 +106,7 @@ from types import SimpleNamespace
 from jft.errors import JftError, run_cli
 from jft.generate import ArgumentParser
 from jft.models import ModelConfig, RopeConfig
-from jft.models.config import POLICY_FIELDS
+from jft.models.config import POLICY_FIELDS, RuntimePolicy
 from jft.models.sites import linear_sites
 
 # Python puts this script's folder first on sys.path, where a sibling script can shadow a
@@ -535,7 +535,7 @@ def check_args(args) -> None:
 def parse_jft_config(items: list[str]) -> dict:
     """`FIELD=VALUE` pairs for jft's ModelConfig runtime fields ("none" is None), checked
     against the values the field's type allows."""
-    hints = typing.get_type_hints(ModelConfig)
+    hints = typing.get_type_hints(RuntimePolicy)
     fields = {}
     for item in items:
         name, sep, value = item.partition("=")
