@@ -165,7 +165,7 @@ SHARDED = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, PartitionSpec as P
-    from jft.models import ModelConfig, RopeConfig
+    from jft.models import ModelConfig, RopeConfig, RuntimePolicy
     from jft.peft import create
     from jft.peft.base import partition
     from jft.peft.optim import masked_optimizer
