@@ -28,13 +28,23 @@ class Model:
     tokenizer: Tokenizer | None
     source: Path
     adapters: list = field(default_factory=list)  # applied unmerged
+    # A continual run's task selector (dynamic ConPET): each prompt is answered by the
+    # task adapter it routes to (jft.continual.inference.Router).
+    router: Any = None
 
     def logits(self, token_ids) -> jax.Array:
         """Logits [B, T, V] for token ids [T] or [B, T]."""
         tokens = jnp.asarray(token_ids, jnp.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
-        return _jit_forward(self.config, self.params, tokens, tuple(self.adapters))
+        if self.router is None:
+            return _jit_forward(self.config, self.params, tokens, tuple(self.adapters))
+        rows = {}
+        for params, adapters, group in self._routes(tokens.tolist()):
+            logits = _jit_forward(self.config, params, tokens[jnp.asarray(group)],
+                                  tuple(adapters))
+            rows |= dict(zip(group, logits, strict=True))
+        return jnp.stack([rows[i] for i in range(len(tokens))])
 
     def generate(
         self,
@@ -53,12 +63,26 @@ class Model:
         stop_ids = set(tokenizer.stop_ids)
         if self.config.eos_id is not None:
             stop_ids.add(self.config.eos_id)
-        outputs = generate_tokens(
-            self.config, self.params, ids, max_new_tokens, sorted(stop_ids),
-            Sampling(temperature, top_k, top_p), seed, adapters=self.adapters,
-        )
+        outputs = [None] * len(ids)
+        for params, adapters, rows in self._routes(ids):
+            generated = generate_tokens(
+                self.config, params, [ids[i] for i in rows], max_new_tokens,
+                sorted(stop_ids), Sampling(temperature, top_k, top_p), seed, adapters=adapters,
+            )
+            for row, out in zip(rows, generated, strict=True):
+                outputs[row] = out
         texts = [tokenizer.decode(out) for out in outputs]
         return texts[0] if isinstance(prompt, str) else texts
+
+    def _routes(self, prompts: list[list[int]]) -> list[tuple[dict, list, list[int]]]:
+        """(params, adapters, the prompts' rows they answer): all rows with the model's
+        own adapters, or each task adapter with the rows the router sends it."""
+        if self.router is None:
+            return [(self.params, self.adapters, list(range(len(prompts))))]
+        routes = self.router.route(self.config, prompts)
+        return [(params, adapters, [i for i, r in enumerate(routes) if r == expert])
+                for expert, (params, adapters) in enumerate(self.router.experts)
+                if expert in routes]
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         """Prompt ids: plain text with the checkpoint's BOS, or one chat user turn."""
@@ -89,8 +113,9 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     """Loads a bundled name, an HF directory or a `.gguf` file.
 
     adapter: a `python -m jft.train` run directory, whose latest checkpoint's deltas are
-    applied over the base (unmerged), a PEFT adapter directory (adapter_config.json) or a
-    jft adapter directory (jft_adapter.json, docs/formats.md).
+    applied over the base (unmerged), a PEFT adapter directory (adapter_config.json), a
+    jft adapter directory (jft_adapter.json, docs/formats.md), or a `python -m
+    jft.continual` run (its strategy's adapters; dynamic ConPET's routed per prompt).
 
     rules: a mesh and its logical-axis rules (`jft.sharding.make_rules`): the params are
     then sharded over it as they load, each process reading only its devices' slices.
@@ -110,10 +135,14 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
             return rules.sharding(PARAM_AXES[path[-1]], shape, "/".join(path))
     checkpoint = load_checkpoint(model, dtype, sharding)
     config = checkpoint.config.replace(dtype=compute_dtype)
-    params, adapters = checkpoint.params, []
+    params, adapters, router = checkpoint.params, [], None
     if adapter is not None:
+        from jft.continual.inference import is_continual_run, load_continual
         from jft.formats.adapters import load_adapter
 
-        params, adapters = load_adapter(adapter, params, config, rules)
-    return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters)
+        if is_continual_run(adapter):
+            params, adapters, router = load_continual(adapter, params, config, rules)
+        else:
+            params, adapters = load_adapter(adapter, params, config, rules)
+    return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters, router)
 

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto, float32 on CPU and bfloat16 on GPU/TPU (default: %(default)s)")
     parser.add_argument("--adapter", help="a jft.train run directory (its latest adapter), a "
                         "PEFT adapter or a jft adapter directory")
+    parser.add_argument("--continual", metavar="RUN",
+                        help="a jft.continual run directory: its strategy's adapters (dynamic "
+                        "ConPET routes the prompt to a task adapter with its selector)")
     return parser
 
 
@@ -58,7 +61,17 @@ def main(argv: list[str]) -> int:
         Sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as error:
         raise JftError(f"bad sampling flag: {error}") from None
-    model = jft.load(args.model, dtype=args.dtype, adapter=args.adapter)
+    adapter = args.adapter
+    if args.continual is not None:
+        from jft.continual.inference import RESULTS_FILE, is_continual_run
+
+        if adapter is not None:
+            raise JftError("give --adapter or --continual, not both")
+        if not is_continual_run(args.continual):
+            raise JftError(f"--continual {args.continual}: no {RESULTS_FILE} there; give a "
+                           "python -m jft.continual run directory")
+        adapter = args.continual
+    model = jft.load(args.model, dtype=args.dtype, adapter=adapter)
     text = model.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

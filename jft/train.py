@@ -90,16 +90,12 @@ class Run:
         from jft.sharding import make_rules
         from jft.sharding.distributed import barrier, from_main, is_main_process
         from jft.sharding.placement import bytes_per_device, total_bytes
-        from jft.training.checkpoints import RunCheckpoints, base_fingerprint
+        from jft.training.checkpoints import base_fingerprint
         from jft.training.outputs import prepare_run_dir
 
-        self.started = time.perf_counter()
-        self.config = config
-        self.directory = Path(config.output_dir)
-        self.is_main = is_main_process()
-        self.rules = make_rules(config.mesh.mesh_config())
+        self._begin(config, make_rules(config.mesh.mesh_config()))
         resuming = False
-        if self.is_main:  # one process prepares the shared directory; the rest wait for it
+        if is_main_process():  # one process prepares the shared directory; the rest wait
             resuming = prepare_run_dir(config.output_dir, config.to_dict(),
                                        config.fingerprint(), overwrite)
         barrier("jft: run directory")
@@ -110,17 +106,39 @@ class Run:
             self.base_hash = base_fingerprint(model.params)
         self.model = model
         self.model_config = model.config.replace(remat=config.remat, kernels=config.kernels)
-        self.data_config = config.data
         with self._status("reading and tokenizing data"):
             self._read_data()
         with self._status(f"creating the {config.method.name} adapter"):
-            self._set_up_training()
+            from jft.objectives import get_objective
+
+            base, adapter = self._create_adapter()
+            self._set_up_training(base, [adapter], get_objective(config.objective))
+            # Only the state's copy of the delta lives on: LISA and HFT park the base's
+            # layer weights in it, and holding the originals too would double them.
+            self.model.params = None
         if self.is_main:
             held = bytes_per_device(self.base)
             print(f"mesh {dict(self.rules.mesh.shape)}: base {total_bytes(self.base) / 2**20:.1f}"
                   f" MiB, at most {max(held.values()) / 2**20:.1f} MiB on one device",
                   file=sys.stderr)
-        self.checkpoints = RunCheckpoints(self.directory / "checkpoints", config.checkpoint.keep)
+        self._open_checkpoints(resuming)
+
+    def _begin(self, config, rules):
+        from jft.sharding.distributed import is_main_process
+
+        self.started = time.perf_counter()
+        self.config = config
+        self.directory = Path(config.output_dir)
+        self.is_main = is_main_process()
+        self.rules = rules
+        self.data_config = config.data
+
+    def _open_checkpoints(self, resuming: bool):
+        """The run's checkpoints, restored from the latest one when resuming."""
+        from jft.training.checkpoints import RunCheckpoints
+
+        self.checkpoints = RunCheckpoints(self.directory / "checkpoints",
+                                          self.config.checkpoint.keep)
         self.start_step = 0
         latest = self.checkpoints.latest_step()
         if resuming and latest is not None:
@@ -153,23 +171,17 @@ class Run:
             self.eval_examples = _eval_examples(records, tokenizer, self.data_config,
                                                 config.eval)
 
-    def _set_up_training(self):
-        """The adapter, its optimiser, the sharded steps and their initial state, and the
-        base placed on the mesh."""
-        from jft.objectives import get_objective
+    def _set_up_training(self, base, adapters, objective):
+        """The optimiser of the adapters' trainable leaves, the sharded steps and their
+        initial state, and the base placed on the mesh."""
         from jft.sharding.placement import put
         from jft.training.step import ShardedSteps
 
-        base, adapter = self._create_adapter()
-        self.optimizer = self._optimizer(adapter)
+        self.optimizer = self._optimizer(adapters)
         self.steps = ShardedSteps(self.model_config, self.optimizer, self.rules, base,
-                                  [adapter], self.config.train.seed,
-                                  get_objective(self.config.objective))
+                                  adapters, self.config.train.seed, objective)
         self.base = put(base, self.steps.params)
         self.state = self.steps.initial_state
-        # Only the state's copy of the delta lives on: LISA and HFT park the base's layer
-        # weights in it, and holding the originals too would double them.
-        self.model.params = None
 
     def _create_adapter(self):
         from jft.peft import create
@@ -186,15 +198,16 @@ class Run:
 
     @property
     def adapter(self):
-        return self.state.adapters[0]
+        """The adapter this run trains (the last one not frozen)."""
+        return [a for a in self.state.adapters if not a.frozen][-1]
 
-    def _optimizer(self, adapter):
+    def _optimizer(self, adapters):
         from jft.peft.optim import masked_optimizer
         from jft.training.config import build_optimizer, build_schedule, wrap_accumulation
 
         train = self.config.train
         self.schedule = build_schedule(train)  # the optimiser's, and the logged rate's
-        optimizer = masked_optimizer(build_optimizer(train, schedule=self.schedule), [adapter])
+        optimizer = masked_optimizer(build_optimizer(train, schedule=self.schedule), adapters)
         return wrap_accumulation(optimizer, train.grad_accum)
 
     def _restore(self):
@@ -213,7 +226,7 @@ class Run:
         if step == self.last_saved:  # e.g. a finished run started again
             return
         self.last_saved = step
-        adapter = self.state.adapters[0]
+        adapter = self.adapter
         self.checkpoints.save(step, self.state, {
             "step": step, "data": self.batcher.state(), "base": self.base_hash,
             "model": self.config.model, "method": adapter.method,
@@ -294,6 +307,7 @@ class Run:
                     self.save(step)
             self.save(step)
         finally:
+            stop.close()
             self.checkpoints.close()
             progress.close()
             records = []
@@ -472,11 +486,16 @@ class _StopSignal:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def close(self):
+        """The handlers from before: after the loop a signal stops the process again."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _on_terminal() -> bool:

@@ -25,6 +25,12 @@ def token_losses(model: ModelConfig, params, adapters, batch, rng=None):
     """Per-token cross-entropy [B, T] and the target mask [B, T] (position 0 never counts)."""
     hidden, head = forward(model, params, batch["tokens"], batch["positions"],
                            batch["segment_ids"], adapters=adapters, rng=rng, return_hidden=True)
+    return hidden_token_losses(model, hidden, head, batch)
+
+
+def hidden_token_losses(model: ModelConfig, hidden, head, batch):
+    """`token_losses` from the final hidden states [B, T, D] and the output head, for
+    objectives that also read the hidden states (GeRe)."""
     targets = batch["tokens"][:, 1:]
     segments = batch["segment_ids"]
     mask = batch["loss_mask"][:, 1:] & (segments[:, 1:] == segments[:, :-1]) & (

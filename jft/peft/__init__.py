@@ -12,6 +12,7 @@ from jft.peft import (  # each module registers its method
     lisa,
     lora,
     norm_tuning,
+    osf,
     prefix_tuning,
     prompt_tuning,
     s2ft,
@@ -23,6 +24,6 @@ from jft.peft.factory import create, make_config
 
 __all__ = [
     "REGISTRY", "Adapter", "MethodBase", "Targets", "bitfit", "create", "full",
-    "get_method", "hft", "ia3", "lisa", "lora", "make_config", "norm_tuning", "prefix_tuning",
-    "prompt_tuning", "register", "s2ft", "spiel", "ssf",
+    "get_method", "hft", "ia3", "lisa", "lora", "make_config", "norm_tuning", "osf",
+    "prefix_tuning", "prompt_tuning", "register", "s2ft", "spiel", "ssf",
 ]

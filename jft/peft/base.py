@@ -224,15 +224,27 @@ def get_method(name: str) -> Method:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """A method, its config (static) and its delta (traced)."""
+    """A method, its config (static) and its delta (traced). A `frozen` adapter rides
+    along in a stack untrained (earlier tasks' LoRAs in O-LoRA, ConPET's experts)."""
 
     delta: Delta
     method: str = dataclasses.field(metadata=dict(static=True))
     config: Any = dataclasses.field(metadata=dict(static=True))
+    frozen: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def impl(self) -> Method:
         return get_method(self.method)
+
+    def with_delta(self, delta: Delta) -> Adapter:
+        """The same adapter (method, config, frozen) over another delta tree."""
+        return dataclasses.replace(self, delta=delta)
+
+    def trainable(self) -> Any:
+        """A tree of bools shaped like the delta: the leaves the optimiser updates."""
+        if self.frozen:
+            return jax.tree.map(lambda _: False, self.delta)
+        return self.impl.trainable(self.delta, self.config)
 
 
 # The training step differentiates, and the optimiser sees, only the trainable leaves;
@@ -244,11 +256,11 @@ def partition(adapters: Sequence[Adapter]) -> tuple[list[Adapter], list[Adapter]
     """(trainable part, frozen part) of each adapter's delta."""
     trainable, frozen = [], []
     for adapter in adapters:
-        mask = adapter.impl.trainable(adapter.delta, adapter.config)
-        keep = jax.tree.map(lambda x, m: x if m else None, adapter.delta, mask)
-        rest = jax.tree.map(lambda x, m: None if m else x, adapter.delta, mask)
-        trainable.append(Adapter(keep, adapter.method, adapter.config))
-        frozen.append(Adapter(rest, adapter.method, adapter.config))
+        mask = adapter.trainable()
+        trainable.append(adapter.with_delta(
+            jax.tree.map(lambda x, m: x if m else None, adapter.delta, mask)))
+        frozen.append(adapter.with_delta(
+            jax.tree.map(lambda x, m: None if m else x, adapter.delta, mask)))
     return trainable, frozen
 
 

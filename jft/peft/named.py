@@ -110,8 +110,7 @@ def _forward_per_row_vmapped(config, params, tokens, adapter_ids, entries, segme
         segment_ids = jnp.ones_like(tokens)
 
     def one_row(row_tokens, row_segments, row_deltas):
-        adapters = [Adapter(d, a.method, a.config)
-                    for d, a in zip(row_deltas, template, strict=True)]
+        adapters = [a.with_delta(d) for d, a in zip(row_deltas, template, strict=True)]
         return forward(config, params, row_tokens[None], segment_ids=row_segments[None],
                        adapters=adapters)[0]
 

@@ -30,7 +30,7 @@ def labels(adapters: Sequence[Adapter]) -> list:
             return "/".join([adapter.method, *keys])
 
         tree = jax.tree_util.tree_map_with_path(label, adapter.delta)
-        return Adapter(tree, adapter.method, adapter.config)
+        return adapter.with_delta(tree)
 
     return [one(adapter) for adapter in partition(adapters)[0]]
 
@@ -80,7 +80,7 @@ def reset_state(optimizer: optax.GradientTransformation, opt_state, adapters: Se
                      part.delta, reset, is_leaf=lambda x: x is None)
         for part, reset in zip(trainable, resets, strict=True)
     ]
-    flags = [Adapter(f, a.method, a.config) for f, a in zip(flags, trainable, strict=True)]
+    flags = [a.with_delta(f) for f, a in zip(flags, trainable, strict=True)]
 
     def is_leaf(x):
         return x is None or isinstance(x, optax.MaskedNode)

@@ -222,6 +222,14 @@ def load_config(
     `method.targets=[q_proj,v_proj]`, `data.eval=null`). check_paths: the model (unless
     bundled) and the data files must exist. Any problem is a JftError naming the key.
     """
+    raw, applied = read_config_file(path, overrides)
+    return from_dict(raw, source=str(path) if path is not None else "config",
+                     overrides=applied, check_paths=check_paths)
+
+
+def read_config_file(path: str | None, overrides: Sequence[str] = ()
+                     ) -> tuple[dict, dict[str, str]]:
+    """(the YAML file's mapping with the overrides applied, {dotted key: override})."""
     raw: dict = {}
     if path is not None:
         try:
@@ -248,8 +256,7 @@ def load_config(
         key, value = _parse_override(override)
         _set_dotted(raw, key, value, override)
         applied[key] = override
-    return from_dict(raw, source=str(path) if path is not None else "config",
-                     overrides=applied, check_paths=check_paths)
+    return raw, applied
 
 
 def from_dict(

@@ -15,7 +15,7 @@ import optax
 from jft.models import ModelConfig, param_axes
 from jft.objectives import Objective
 from jft.objectives.sft import SFT
-from jft.peft.base import Adapter, combine, partition
+from jft.peft.base import combine, partition
 from jft.peft.optim import reset_state
 from jft.sharding.logical import LogicalRules, use_rules
 from jft.sharding.placement import batch_shardings, put, replicated, tree_shardings
@@ -83,13 +83,13 @@ def refresh_state(model: ModelConfig, optimizer: optax.GradientTransformation,
     reselected starts afresh. Shapes never change, so the train step never recompiles."""
     adapters, resets, changed = list(state.adapters), [], False
     for i, adapter in enumerate(adapters):
-        every = adapter.impl.refresh_every(adapter.config)
+        every = 0 if adapter.frozen else adapter.impl.refresh_every(adapter.config)
         reset = jax.tree.map(lambda _: False, adapter.delta)
         if every and step % every == 0:
             key = jax.random.fold_in(jax.random.fold_in(state.rng, step), i)
             delta, reset = adapter.impl.refresh(adapter.delta, step, total_steps, key, model,
                                                 adapter.config)
-            adapters[i] = Adapter(delta, adapter.method, adapter.config)
+            adapters[i] = adapter.with_delta(delta)
             changed = True
         resets.append(reset)
     if not changed:
@@ -171,8 +171,9 @@ def state_shardings(rules: LogicalRules, state: TrainState, optimizer, model: Mo
     moments, whose shapes differ, replicated), counters and the RNG replicated."""
     everywhere = replicated(rules)
     adapters = [
-        Adapter(tree_shardings(rules, a.delta, a.impl.delta_axes(a.delta, model, a.config),
-                               f"{a.method} delta "), a.method, a.config)
+        a.with_delta(tree_shardings(rules, a.delta,
+                                    a.impl.delta_axes(a.delta, model, a.config),
+                                    f"{a.method} delta "))
         for a in state.adapters
     ]
     placed = jax.tree.map(_Placed, partition(adapters)[0], partition(state.adapters)[0])
