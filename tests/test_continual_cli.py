@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,15 @@ def test_every_strategy_runs_and_writes_its_results(setup, tmp_path, capsys):
         if options.get("mode") == "dynamic":
             assert all("selector_accuracy" in s for s in results["stages"])
             assert (run / "selector.safetensors").exists()
+        if strategy in ("olora", "osf") or options.get("mode") == "dynamic":
+            # Resuming between tasks rebuilds what the second stage starts from (the stack,
+            # the merged base, the experts and selector) from the first: the same result.
+            shutil.rmtree(run / "stages" / "02-ymd")
+            code, _, err = _in_process(capsys, out / "config.yaml")
+            assert code == 0, err[-3000:]
+            again = _results(run)
+            assert (again["matrix"], again["general_ppl"]) == (results["matrix"],
+                                                               results["general_ppl"])
         # The run loads for inference, whatever its strategy.
         model = jft.load(setup / "tiny", adapter=run)
         assert isinstance(model.generate("Rewrite 2001-02-03 as dmy:", max_new_tokens=2), str)
@@ -201,6 +211,8 @@ def test_kill_9_between_tasks_and_mid_task_resumes_to_the_uninterrupted_run(setu
     (lambda c: c["continual"].update(strategy="olora", buffer="x"), "continual.buffer"),
     (lambda c: c["continual"].update(strategy="osf"), "method.name"),
     (lambda c: c.update(tasks=[]), "tasks"),
+    (lambda c: c["eval"].update(every=5), "eval.every"),
+    (lambda c: c["data"].update(train="x.jsonl"), "data.train"),
 ])
 def test_bad_configs_are_one_line_naming_the_key(setup, tmp_path, capsys, edit, key):
     path = _config(setup, tmp_path)

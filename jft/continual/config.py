@@ -151,6 +151,9 @@ def continual_from_dict(raw: Mapping[str, Any], source: str = "config",
                          f"(tasks[i].{key}); remove data.{key}")
     data["train"], data["eval"] = tasks[0].train, tasks[0].eval
     base = from_dict(raw, source, overrides, check_paths=check_paths)
+    if base.eval.every:
+        context.fail("eval.every", "eval.every does not apply to a continual run: every task "
+                     "is evaluated after each stage; remove it")
     config = ContinualConfig(base, tasks, general, ContinualSection(name, options))
     for index, task in enumerate(tasks):  # each stage's config validates as a run's does
         try:
