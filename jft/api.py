@@ -109,13 +109,16 @@ def _jit_forward(config, params, tokens, adapters):
 
 
 def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
-         adapter: str | Path | None = None, rules: LogicalRules | None = None) -> Model:
+         adapter: str | Path | Sequence[str | Path] | None = None,
+         rules: LogicalRules | None = None) -> Model:
     """Loads a bundled name, an HF directory or a `.gguf` file.
 
     adapter: a `python -m jft.train` run directory, whose latest checkpoint's deltas are
     applied over the base (unmerged), a PEFT adapter directory (adapter_config.json), a
     jft adapter directory (jft_adapter.json, docs/formats.md), or a `python -m
-    jft.continual` run (its strategy's adapters; dynamic ConPET's routed per prompt).
+    jft.continual` run (its strategy's adapters; dynamic ConPET's routed per prompt). A
+    list of them stacks them in order (composable sparse deltas: a language's and a
+    task's SpIEL deltas applied together).
 
     rules: a mesh and its logical-axis rules (`jft.sharding.make_rules`): the params are
     then sharded over it as they load, each process reading only its devices' slices.
@@ -136,7 +139,13 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     checkpoint = load_checkpoint(model, dtype, sharding)
     config = checkpoint.config.replace(dtype=compute_dtype)
     params, adapters, router = checkpoint.params, [], None
-    if adapter is not None:
+    if isinstance(adapter, list | tuple):  # stacked in order, each over the ones before
+        from jft.formats.adapters import load_adapter
+
+        for one in adapter:
+            params, loaded = load_adapter(one, params, config, rules)
+            adapters += loaded
+    elif adapter is not None:
         from jft.continual.inference import is_continual_run, load_continual
         from jft.formats.adapters import load_adapter
 

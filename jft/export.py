@@ -64,29 +64,41 @@ def main(argv: list[str]) -> int:
     # Written beside --out and renamed at the end: a failed export leaves no half model.
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    if args.format == "merged":
+    adapter = model.adapters[0] if model.adapters else None
+    write_model(model, adapter, args.format, partial, str(model_name), args.dtype, args.quant)
+    publish(partial, out)
+    return 0
+
+
+def write_model(model, adapter, format: str, directory: Path, base_name: str,
+                dtype: str = "bf16", quant: str = "f16") -> None:
+    """`model` (its adapters folded in) as an HF directory or a GGUF file, or `adapter`
+    as a PEFT or jft adapter directory, written to `directory` (which must not exist)."""
+    if format == "merged":
         from jft.formats.hf_export import write_hf_dir
 
-        write_hf_dir(model, partial, args.dtype)
-    elif args.format == "gguf":
+        write_hf_dir(model, directory, dtype)
+        return
+    directory.mkdir(parents=True)
+    if format == "gguf":
         from jft.formats.gguf_export import write_gguf_file
         from jft.formats.hf_export import merged_params
 
-        partial.mkdir(parents=True)
         write_gguf_file(model.config, merged_params(model), model.tokenizer,
-                        partial / "model.gguf", args.quant)
-    elif args.format == "peft":
+                        directory / "model.gguf", quant)
+    elif format == "peft":
         from jft.formats.bundled import HUB_IDS
         from jft.formats.peft_adapter import save_peft_adapter
 
-        partial.mkdir(parents=True)
-        save_peft_adapter(model.adapters[0], model.config, partial,
-                          HUB_IDS.get(str(model_name), str(model_name)))
+        save_peft_adapter(adapter, model.config, directory, HUB_IDS.get(base_name, base_name))
     else:
         from jft.formats.jft_adapter import save_jft_adapter
 
-        partial.mkdir(parents=True)
-        save_jft_adapter(model.adapters[0], model.config, partial, str(model_name))
+        save_jft_adapter(adapter, model.config, directory, base_name)
+
+
+def publish(partial: Path, out: Path) -> None:
+    """The finished `partial` renamed to `out`, an existing `out` moved aside first."""
     if out.exists():
         from jft.training.outputs import free_name
 
@@ -95,7 +107,6 @@ def main(argv: list[str]) -> int:
         print(f"moved the existing {out} to {aside}", file=sys.stderr)
     partial.rename(out)
     print(f"wrote {out}", file=sys.stderr)
-    return 0
 
 
 def _check_expressible(method: str, format: str) -> None:
