@@ -107,15 +107,22 @@ def _write(result, args, directory: Path) -> None:
                        "not one LoRA); use --format jft, merged or gguf, or --method cat/svd "
                        "of LoRA inputs")
     merged = Model(model.config, result.params, model.tokenizer, model.source, [])
-    adapter = _changed_weights(result) if args.format == "jft" else None
+    adapter = _changed_weights(result, model.config) if args.format == "jft" else None
     write_model(merged, adapter, args.format, directory, args.model, args.dtype)
 
 
-def _changed_weights(result):
-    """A `full` adapter holding exactly the weights the merge changed."""
+def _changed_weights(result, model):
+    """The merge as an adapter over the base: a `sparse_delta` of the changed entries where
+    the merged task vector is sparse (sums of SpIEL or S²FT deltas, trimmed merges), else
+    a `full` adapter holding exactly the weights it changed."""
     from jft.peft import Adapter
     from jft.peft.full import FullConfig, select
+    from jft.peft.sparse_delta import SparseDeltaConfig, from_task_vector
 
+    sparse = from_task_vector(result.vector, model)
+    if sparse is not None:
+        config = SparseDeltaConfig(targets=tuple(sorted(sparse["layers"])))
+        return Adapter(sparse, "sparse_delta", config)
     names = tuple(sorted({key[-1] for key in result.vector}))
     config = FullConfig(params=names)
     return Adapter(select(result.params, config), "full", config)

@@ -48,6 +48,8 @@ CASES = {
     "spiel": ("spiel", dict(count=8)),
     "lisa": ("lisa", dict(activated_layers=1)),
     "hft": ("hft", {}),
+    "osf": ("osf", dict(preserved_rank=0.5)),
+    "sparse_delta": ("sparse_delta", dict(count=8)),
 }
 
 

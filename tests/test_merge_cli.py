@@ -45,7 +45,8 @@ def setup(tmp_path_factory):
     for i, (name, method, options) in enumerate([
             ("a", "lora", dict(r=4, alpha=8, targets=["q_proj", "v_proj"])),
             ("b", "lora", dict(r=4, alpha=4, targets=["q_proj", "v_proj", "down_proj"])),
-            ("sparse", "spiel", dict(count=300, targets=["q_proj", "down_proj"]))]):
+            ("sparse", "spiel", dict(count=300, targets=["q_proj", "down_proj"])),
+            ("sparse2", "spiel", dict(count=200, targets=["q_proj", "v_proj"]))]):
         _, adapter = create(method, jax.random.key(i), model.params, model.config, **options)
         key = jax.random.key(10 + i)
         delta = jax.tree.map(lambda x: x, adapter.delta)
@@ -100,6 +101,26 @@ def test_task_arithmetic_equals_stacking_and_every_format_loads(setup, tmp_path,
         assert code == 0, err
         assert (out / "adapter_config.json").exists()
         np.testing.assert_allclose(_logits(base, out), lora_stack, atol=2e-5)
+
+
+def test_sparse_deltas_sum_to_a_sparse_delta_applied_exactly(setup, tmp_path, capsys):
+    """Composable sparse fine-tuning: the sum of two SpIEL deltas is written as one sparse
+    delta (not densified) and equals the two stacked."""
+    directory, _, adapters = setup
+    base = directory / "base"
+    out = tmp_path / "sum"
+    code, _, err = _merge(capsys, "--model", base, "--inputs", adapters["sparse"],
+                          adapters["sparse2"], "--weights", "1", "0.5", "--method", "linear",
+                          "--out", out, "--format", "jft")
+    assert code == 0, err
+    written = json.loads((out / "jft_adapter.json").read_text())
+    assert written["method"] == "sparse_delta"
+    assert set(written["options"]["targets"]) == {"q_proj", "v_proj", "down_proj"}
+    half = tmp_path / "half"
+    _merge(capsys, "--model", base, "--inputs", adapters["sparse2"], "--weights", "0.5",
+           "--method", "linear", "--out", half, "--format", "jft")
+    np.testing.assert_allclose(_logits(base, out), _logits(base, [adapters["sparse"], half]),
+                               atol=2e-5)
 
 
 def test_a_negated_task_vector_undoes_the_task(setup, tmp_path, capsys):

@@ -15,9 +15,7 @@ from jft.merging.compress import (
     compressed_bytes,
     decompress,
     load_compressed,
-    pack,
     save_compressed,
-    unpack,
 )
 from jft.merging.lines import apply_lines, lines_scales, multi_task_alpha
 
@@ -151,17 +149,6 @@ def test_global_scope_takes_one_topk_and_one_std_over_all_tensors():
         np.concatenate([decompress(got[n]).ravel() for n in tensors]), expected)
     with pytest.raises(JftError, match="scope"):
         compress_tensors(tensors, scope="layer")
-
-
-def test_pack_unpack_round_trip_both_encodings():
-    for density in (0.01, 0.4):  # indices, then bitmask
-        compressed = compress_tensor(RNG.normal(size=(64, 50)).astype(np.float32), density)
-        restored = unpack(pack(compressed))
-        assert restored.encoding == compressed.encoding
-        np.testing.assert_array_equal(decompress(restored), decompress(compressed))
-        assert len(pack(compressed)) - compressed_bytes(compressed) < 200  # just the header
-    with pytest.raises(JftError, match="data"):
-        unpack(b"nope")
 
 
 def test_save_load_round_trip(tmp_path):

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +43,6 @@ DEFAULT_SCALE_MULTIPLIER = 1.0
 SCOPES = ("tensor", "global")
 FORMAT = "jft-compeft"
 COMPRESSED_FILE = "compressed.safetensors"  # in a `python -m jft.merge --method compress` output
-_MAGIC = b"JFTC"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,33 +122,6 @@ def compressed_bytes(compressed: CompressedTensor | Mapping[str, CompressedTenso
     if isinstance(compressed, CompressedTensor):
         return compressed.positions.nbytes + compressed.signs.nbytes + 4
     return sum(compressed_bytes(c) for c in compressed.values())
-
-
-def pack(compressed: CompressedTensor) -> bytes:
-    """One tensor as bytes: b"JFTC", a uint32 header length, a JSON header (shape, dtype,
-    encoding, count, scale), then the positions and the signs."""
-    header = json.dumps(_header(compressed)).encode()
-    return b"".join([_MAGIC, struct.pack("<I", len(header)), header,
-                     compressed.positions.astype(compressed.positions.dtype.newbyteorder("<"))
-                     .tobytes(), compressed.signs.tobytes()])
-
-
-def unpack(data: bytes) -> CompressedTensor:
-    """The inverse of `pack`."""
-    if data[:4] != _MAGIC or len(data) < 8:
-        raise JftError("data: not a packed ComPEFT tensor (no JFTC header)")
-    (length,) = struct.unpack("<I", data[4:8])
-    header = json.loads(data[8:8 + length])
-    body = memoryview(data)[8 + length:]
-    shape, count = tuple(header["shape"]), header["count"]
-    if header["encoding"] == "indices":
-        positions = np.frombuffer(body[:4 * count], "<u4").astype(np.uint32)
-        body = body[4 * count:]
-    else:
-        nbytes = (math.prod(shape) + 7) // 8
-        positions, body = np.frombuffer(body[:nbytes], np.uint8).copy(), body[nbytes:]
-    signs = np.frombuffer(body, np.uint8).copy()
-    return _from_header(header, positions, signs)
 
 
 def save_compressed(path: str | os.PathLike, tensors: Mapping[str, Any],

@@ -16,6 +16,7 @@ from jft.peft import (  # each module registers its method
     prefix_tuning,
     prompt_tuning,
     s2ft,
+    sparse_delta,
     spiel,
     ssf,
 )
@@ -25,5 +26,6 @@ from jft.peft.factory import create, make_config
 __all__ = [
     "REGISTRY", "Adapter", "MethodBase", "Targets", "bitfit", "create", "full",
     "get_method", "hft", "ia3", "lisa", "lora", "make_config", "norm_tuning", "osf",
-    "prefix_tuning", "prompt_tuning", "register", "s2ft", "spiel", "ssf",
+    "prefix_tuning", "prompt_tuning", "register", "s2ft", "sparse_delta", "spiel",
+    "ssf",
 ]
