@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
+from jft.errors import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "continual"
 
@@ -88,7 +90,6 @@ def _continual(*args, check=True):
 def _in_process(capsys, *args) -> tuple[int, str, str]:
     """The CLI run in this process (no interpreter start-up and imports per run)."""
     from jft.continual.__main__ import main
-    from jft.errors import run_cli
 
     code = run_cli(main, [str(a) for a in args])
     out = capsys.readouterr()
@@ -135,6 +136,16 @@ def test_every_strategy_runs_and_writes_its_results(setup, tmp_path, capsys):
         if options.get("mode") == "dynamic":
             assert all("selector_accuracy" in s for s in results["stages"])
             assert (run / "selector.safetensors").exists()
+            from jft.generate import main as generate
+
+            code = run_cli(generate, ["--model", str(setup / "tiny"), "--continual", str(run),
+                                      "--prompt", "Rewrite 2001-02-03 as ymd:",
+                                      "--max-new-tokens", "2"])
+            captured = capsys.readouterr()
+            assert code == 0 and captured.out.endswith("\n"), captured.err
+            code = run_cli(generate, ["--model", str(setup / "tiny"), "--continual",
+                                      str(setup), "--prompt", "x"])
+            assert code == 2 and "continual.json" in capsys.readouterr().err
         if strategy in ("olora", "osf") or options.get("mode") == "dynamic":
             # Resuming between tasks rebuilds what the second stage starts from (the stack,
             # the merged base, the experts and selector) from the first: the same result.
