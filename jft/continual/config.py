@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from jft.errors import JftError
-from jft.training.config import TrainConfig, _build, _Context, _plain, from_dict, read_config_file
+from jft.training.config import (
+    TrainConfig,
+    _build,
+    _Context,
+    _plain,
+    fingerprint_of,
+    from_dict,
+    read_config_file,
+)
 
 Metric = Literal["exact_match", "rouge_l"]
 STAGES_DIR = "stages"
@@ -97,15 +103,7 @@ class ContinualConfig:
         return out
 
     def fingerprint(self) -> str:
-        resolved = self.to_dict()
-        for dotted in FINGERPRINT_EXCLUDED:
-            *parents, last = dotted.split(".")
-            node = resolved
-            for part in parents:
-                node = node[part]
-            node.pop(last, None)
-        text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return fingerprint_of(self.to_dict(), FINGERPRINT_EXCLUDED)
 
 
 def load_continual_config(path: str | None, overrides: Sequence[str] = (), *,

@@ -189,14 +189,20 @@ class TrainConfig:
         resolved = self.to_dict()
         if resolved["objective"] == "sft":  # the default: runs from before the key resume
             del resolved["objective"]
-        for dotted in FINGERPRINT_EXCLUDED:
-            *parents, last = dotted.split(".")
-            node = resolved
-            for part in parents:
-                node = node[part]
-            node.pop(last, None)
-        text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return fingerprint_of(resolved, FINGERPRINT_EXCLUDED)
+
+
+def fingerprint_of(resolved: dict, excluded: Sequence[str]) -> str:
+    """A stable hash of a resolved config without its `excluded` dotted keys."""
+    resolved = json.loads(json.dumps(resolved))  # a copy to prune
+    for dotted in excluded:
+        *parents, last = dotted.split(".")
+        node = resolved
+        for part in parents:
+            node = node[part]
+        node.pop(last, None)
+    text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- loading
