@@ -188,11 +188,9 @@ class ContinualRun:
         rows = train.batch_size - (replay.rows if replay else 0)
         batches = batcher(self.train_tokens[index], stage_config.data, self.tokenizer, rows,
                           train.seed)
-        if replay is not None:
-            data = self.general_data if replay.examples is self.general_tokens else \
-                stage_config.data
-            batches = MixedBatcher(batches, batcher(replay.examples, data, self.tokenizer,
-                                                    replay.rows, train.seed))
+        if replay is not None:  # tokenized already: only the shared batching settings apply
+            batches = MixedBatcher(batches, batcher(replay.examples, stage_config.data,
+                                                    self.tokenizer, replay.rows, train.seed))
         base, adapters = self._stage_adapters(index, stage_config, carried)
         objective = self.strategy.objective(self, self.options, index)
         with _status_line(f"setting up stage {index + 1} ({stage_config.method.name})"):

@@ -59,7 +59,7 @@ def merge(model, inputs: Sequence, method: str, weights: Sequence[float] | None 
         raise JftError(f"--method {method!r}; valid: {', '.join(METHODS)}")
     if not inputs:
         raise JftError("--inputs: give at least one input to merge")
-    if isinstance(model, str | bytes) or not hasattr(model, "params"):
+    if not hasattr(model, "params"):  # a name or path, not a loaded Model
         model = jft.load(model, dtype="float32", compute_dtype="float32")
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(inputs):

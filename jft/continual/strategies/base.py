@@ -34,13 +34,19 @@ class Strategy:
     """No-op hooks: plain sequential fine-tuning with one adapter carried on."""
 
     name: ClassVar[str] = ""
+    method: ClassVar[str | None] = None  # the PEFT method it trains, where it needs one
 
     @dataclass(frozen=True)
     class Options:
         pass
 
     def check(self, config, context) -> None:
-        """Refuses a config the strategy cannot run (`context.fail(key, message)`)."""
+        """Refuses a config the strategy cannot run (`context.fail(key, message)`); by
+        default, one whose method is not the strategy's `method`."""
+        if self.method and config.base.method.name != self.method:
+            context.fail("method.name", f"continual.strategy {self.name} trains the "
+                         f"{self.method} method; set method.name: {self.method} (got "
+                         f"{config.base.method.name})")
 
     def carry(self, options) -> Carry:
         return "carry"

@@ -92,9 +92,15 @@ class Conpet(Strategy):
 
 
 def _features(run, prompts):
+    """The frozen base's prompt features, computed once per set of prompts in a run: the
+    same train and eval prompts are featurised again after every stage."""
     from jft.continual.selector import prompt_features
 
-    return prompt_features(run.model_config, run.original, prompts)
+    cache = run.memo.setdefault("features", {})
+    key = tuple(tuple(p) for p in prompts)
+    if key not in cache:
+        cache[key] = prompt_features(run.model_config, run.original, prompts)
+    return cache[key]
 
 
 CONPET = register(Conpet())

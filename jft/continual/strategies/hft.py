@@ -8,22 +8,13 @@ half of what each task saw stays as it was.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from jft.continual.strategies.base import Strategy, register
 
 
 class HftStrategy(Strategy):
     name = "hft"
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
-    def check(self, config, context):
-        if config.base.method.name != "hft":
-            context.fail("method.name", "continual.strategy hft trains the hft method; set "
-                         f"method.name: hft (got {config.base.method.name})")
+    method = "hft"
 
     def carry(self, options):
         return "merge"

@@ -73,6 +73,7 @@ class OLoraObjective:
 
 class OLora(Strategy):
     name = "olora"
+    method = "lora"
 
     @dataclass(frozen=True)
     class Options:
@@ -80,10 +81,8 @@ class OLora(Strategy):
         l2_weight: float = _field(0.0, min=0.0)  # λ2
 
     def check(self, config, context):
+        super().check(config, context)
         method = config.base.method
-        if method.name != "lora":
-            context.fail("method.name", f"continual.strategy olora trains a LoRA per task; "
-                         f"set method.name: lora (got {method.name})")
         if method.config.dora or method.config.init not in ("default", "gaussian"):
             context.fail("method", "continual.strategy olora stacks plain LoRAs over the "
                          "unchanged base: no dora, init default or gaussian")

@@ -20,15 +20,11 @@ from jft.training.config import _field
 
 class OsfStrategy(Strategy):
     name = "osf"
+    method = "osf"
 
     @dataclass(frozen=True)
     class Options:
         preserved_rank: float = _field(0.5, min=0.0, below=1.0)  # the first task's share
-
-    def check(self, config, context):
-        if config.base.method.name != "osf":
-            context.fail("method.name", "continual.strategy osf trains the osf method; set "
-                         f"method.name: osf (got {config.base.method.name})")
 
     def carry(self, options):
         return "merge"
