@@ -60,14 +60,11 @@ class Model:
         tokenizer = self._require_tokenizer()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.encode_prompt(p, chat) for p in prompts]
-        stop_ids = set(tokenizer.stop_ids)
-        if self.config.eos_id is not None:
-            stop_ids.add(self.config.eos_id)
         outputs = [None] * len(ids)
         for params, adapters, rows in self._routes(ids):
             generated = generate_tokens(
                 self.config, params, [ids[i] for i in rows], max_new_tokens,
-                sorted(stop_ids), Sampling(temperature, top_k, top_p), seed, adapters=adapters,
+                self.stop_ids, Sampling(temperature, top_k, top_p), seed, adapters=adapters,
             )
             for row, out in zip(rows, generated, strict=True):
                 outputs[row] = out
@@ -84,16 +81,28 @@ class Model:
                 for expert, (params, adapters) in enumerate(self.router.experts)
                 if expert in routes]
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end a completion: the tokenizer's end-of-turn tokens and the
+        config's EOS."""
+        stop = set(self._require_tokenizer().stop_ids)
+        if self.config.eos_id is not None:
+            stop.add(self.config.eos_id)
+        return sorted(stop)
+
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         """Prompt ids: plain text with the checkpoint's BOS, or one chat user turn."""
-        tokenizer = self._require_tokenizer()
         if not chat:
-            return tokenizer.encode(prompt)
+            return self._require_tokenizer().encode(prompt)
+        return self.encode_chat([{"role": "user", "content": prompt}])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The ids of a conversation rendered by the model's chat template, ready for the
+        assistant's turn."""
+        tokenizer = self._require_tokenizer()
         if not tokenizer.chat_template:
             raise JftError(f"{self.source}: this model has no chat template; drop --chat")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         # The template writes BOS itself where the model wants one.
         return tokenizer.encode(text, add_special_tokens=False)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -114,7 +115,9 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> Cach
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
         "valid": jnp.zeros((batch, length), bool),  # slot holds a real (non-pad) token
-        "index": jnp.zeros((), jnp.int32),  # next slot to write, shared by all rows
+        # Next slot to write, shared by all rows. A server batching requests of different
+        # lengths gives each row its own ([B]): every row's tokens then start at slot 0.
+        "index": jnp.zeros((), jnp.int32),
     }
 
 
@@ -144,7 +147,8 @@ def forward(
     first, so the forward pass shifts them past those.
     rng: a key for adapter dropout; None (the default) means no dropout.
     return_hidden: return (final hidden states [B, T, D], output head [V, D]) instead of
-    logits (no cache), for a loss that computes logits a chunk at a time.
+    logits, for a loss that computes logits a chunk at a time or a server that needs
+    only each row's last position.
     """
     tokens = jnp.asarray(tokens, jnp.int32)  # [B, T]; nested Python lists too
     for adapter in adapters:
@@ -174,7 +178,7 @@ def forward(
 
     x = constrain(x, ("batch", "seq", "embed"))
 
-    query_slots = start + jnp.arange(length)  # [T]
+    query_slots = _query_slots(start, length)  # [T], or [B, T] for per-row cache indices
     if cache is None:
         key_slots, key_valid = query_slots, valid
         same_segment = (
@@ -183,7 +187,7 @@ def forward(
     else:
         cache_len = cache["k"].shape[2]
         key_slots = jnp.arange(cache_len)
-        key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, start))
+        key_valid = write_slots(cache["valid"], valid, start)
         same_segment = None
     inputs = layer_inputs(config, positions, query_slots, key_slots, key_valid, same_segment,
                           prefix_len)
@@ -205,13 +209,11 @@ def forward(
 
     x, head = final_hidden(config, params, x)
     x = x[:, num_prepended:]
-    if return_hidden and cache is None:
-        return x, head
-    logits = output_logits(config, x, head)
+    out = (x, head) if return_hidden else output_logits(config, x, head)
     if cache is None:
-        return logits
+        return out
     new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}
-    return logits, new_cache
+    return out, new_cache
 
 
 # ---------------------------------------------------------------- the forward's steps
@@ -242,7 +244,7 @@ class LayerInputs:
 
     masks: tuple[jax.Array, jax.Array | None]
     rope: tuple[Any, Any]
-    prefix_in_window: jax.Array  # [T, P]
+    prefix_in_window: jax.Array  # [T, P], or [B, 1, T, P] for per-row query slots
 
     def for_layer(self, is_sliding) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(mask, cos, sin) of a layer; `is_sliding` may be traced (the layer scan)."""
@@ -264,9 +266,11 @@ def layer_inputs(config: ModelConfig, positions, query_slots, key_slots, key_val
     # Prefix-tuning keys sit at slots -P..-1: sliding layers see them only within the window.
     prefix_slots = jnp.arange(prefix_len) - prefix_len
     prefix_in_window = (
-        query_slots[:, None] - prefix_slots[None, :] < config.sliding_window
-        if config.sliding_window else jnp.ones((len(query_slots), prefix_len), bool)
+        query_slots[..., None] - prefix_slots < config.sliding_window
+        if config.sliding_window else jnp.ones((*query_slots.shape, prefix_len), bool)
     )
+    if prefix_in_window.ndim == 3:  # per-row slots: [B, 1, T, P], like the masks
+        prefix_in_window = prefix_in_window[:, None]
     return LayerInputs(masks, _rope_tables(config, positions), prefix_in_window)
 
 
@@ -413,8 +417,7 @@ def transformer_block(config, layer, x, mask, cos, sin, layer_cache, start, hook
     new_cache = None
     if layer_cache is not None:
         cache_k, cache_v = layer_cache
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+        cache_k, cache_v = write_slots(cache_k, k, start), write_slots(cache_v, v, start)
         new_cache = (cache_k, cache_v)
         k, v = cache_k.astype(dtype), cache_v.astype(dtype)
 
@@ -512,15 +515,31 @@ def _attention_masks(config, query_slots, key_slots, key_valid, same_segment):
     Slots are indices in the sequence (or cache); with left padding and packing they
     advance exactly like positions, so causality and windows are measured on them.
     """
-    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
-    full = causal[None] & key_valid[:, None, :]  # [B, T, S]
+    causal = key_slots <= query_slots[..., None]  # [T, S] or [B, T, S]
+    full = causal & key_valid[:, None, :]  # [B, T, S]
     if same_segment is not None:
         full = full & same_segment
     sliding = None
     if "sliding" in config.layer_types:
-        in_window = query_slots[:, None] - key_slots[None, :] < config.sliding_window
-        sliding = (full & in_window[None])[:, None]
+        in_window = query_slots[..., None] - key_slots < config.sliding_window
+        sliding = (full & in_window)[:, None]
     return full[:, None], sliding
+
+
+def _query_slots(start, length: int) -> jax.Array:
+    """The cache slots of `length` new tokens written at `start`: [T] for a shared
+    index, [B, T] for one per row."""
+    start = jnp.asarray(start)
+    return (start if start.ndim == 0 else start[:, None]) + jnp.arange(length)
+
+
+def write_slots(cache: jax.Array, new: jax.Array, start) -> jax.Array:
+    """cache [B, S, ...] with new [B, T, ...] written from slot `start`: a scalar shared
+    by all rows, or one slot per row [B]."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(start) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=1)
+    return jax.vmap(partial(jax.lax.dynamic_update_slice_in_dim, axis=0))(cache, new, start)
 
 
 def _prepend_prompts(x, prompts, tokens, positions, segment_ids, prefix_len):
@@ -551,7 +570,7 @@ def _prefix_length(adapters) -> int:
 
 def _default_positions(batch, length, segment_ids, start):
     if segment_ids is None:
-        return jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+        return jnp.broadcast_to(_query_slots(start, length), (batch, length))
     # Restart at 0 wherever a new segment begins.
     index = jnp.arange(length)
     is_start = jnp.concatenate(

@@ -121,3 +121,26 @@ def random_params(model, seed=0, std=0.3):
 
     return jax.tree.map_with_path(leaf, param_shapes(model),
                                   is_leaf=lambda x: isinstance(x, tuple))
+
+
+def save_tiny_smollm2(directory: Path, intermediate_size: int = 64, seed: int = 0) -> Path:
+    """A tiny random Llama with SmolLM2-135M-Instruct's real tokenizer and chat template
+    (read from the bundled GGUF), so data, chat and stop tokens are real while a forward
+    pass takes milliseconds."""
+    import torch
+    import transformers
+
+    from jft.formats.bundled import bundled_path
+
+    gguf = bundled_path("smollm2-135m-instruct")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(directory)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return Path(directory)

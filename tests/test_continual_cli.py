@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from jft.errors import run_cli
+from tests.hf_reference import save_tiny_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "continual"
@@ -29,20 +30,8 @@ EXAMPLES = ROOT / "examples" / "continual"
 def setup(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, two small date tasks and a general
     text file."""
-    import transformers
-
-    from jft.formats.bundled import bundled_path
-
     directory = tmp_path_factory.mktemp("continual")
-    model = directory / "tiny"
-    gguf = bundled_path("smollm2-135m-instruct")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(model)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(model)
+    save_tiny_smollm2(directory / "tiny")
     rng = random.Random(0)
     for name, form in (("dmy", "{d:02d}/{m:02d}/{y}"), ("ymd", "{y}{m:02d}{d:02d}")):
         (directory / name).mkdir()

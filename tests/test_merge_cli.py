@@ -18,7 +18,7 @@ from jft.errors import run_cli
 from jft.formats.jft_adapter import save_jft_adapter
 from jft.merge import main
 from jft.peft import create
-from tests.hf_reference import save_hf_model
+from tests.hf_reference import save_hf_model, save_tiny_smollm2
 
 IDS = [[3, 7, 1, 12, 5, 9, 2, 30]]
 
@@ -27,18 +27,8 @@ IDS = [[3, 7, 1, 12, 5, 9, 2, 30]]
 def setup(tmp_path_factory):
     """A tiny HF Llama, two LoRA adapters and a SpIEL delta over it (random, non-zero), as
     jft adapter directories."""
-    import transformers
-
-    from jft.formats.bundled import bundled_path
-
     directory = tmp_path_factory.mktemp("merge")
-    gguf = bundled_path("smollm2-135m-instruct")  # a real tokenizer, for --eval
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(directory / "base")
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )).save_pretrained(directory / "base")
+    save_tiny_smollm2(directory / "base", intermediate_size=48)  # a real tokenizer, for --eval
     save_hf_model("qwen2", directory / "other")
     model = jft.load(directory / "base", dtype="float32", compute_dtype="float32")
     adapters = {}

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 import jft
+from tests.hf_reference import save_tiny_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,21 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_model(tmp_path_factory):
     """A tiny random Llama with SmolLM2's real tokenizer (so data and chat templates are
     real), small enough that a training step takes milliseconds."""
-    import transformers
-
-    from jft.formats.bundled import bundled_path
-
-    directory = tmp_path_factory.mktemp("tiny")
-    gguf = bundled_path("smollm2-135m-instruct")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(directory)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return save_tiny_smollm2(tmp_path_factory.mktemp("tiny"))
 
 
 def _config(tmp_path, model, **changes) -> Path:

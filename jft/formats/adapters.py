@@ -17,21 +17,35 @@ def load_adapter(path: str | os.PathLike, base: dict, model: ModelConfig, rules=
     """(the base the adapter applies to, [Adapter]): the delta lands on the default device,
     or sharded like its base over `rules`' mesh. The base is rewritten only for inits that
     rewrite it (PiSSA and kin: `rebase`)."""
+    from jft.peft import Adapter, get_method
+
+    method, config, delta = read_adapter(path, base, model, rules)
+    impl = get_method(method)
+    delta = jax.device_put(delta, delta_shardings(impl, delta, model, config, rules))
+    return impl.rebase(base, delta, model, config), [Adapter(delta, method, config)]
+
+
+def read_adapter(path: str | os.PathLike, base: dict, model: ModelConfig, rules=None):
+    """(method, config, delta) of an adapter in any of the three formats, not yet placed."""
     from jft.formats.jft_adapter import is_jft_adapter, read_jft_adapter
     from jft.formats.peft_adapter import is_peft_adapter, read_peft_adapter
-    from jft.peft import Adapter, get_method
     from jft.training.checkpoints import read_run_adapter
 
     path = Path(path)
     if is_peft_adapter(path):
-        method, config, delta = read_peft_adapter(path, base, model)
-    elif is_jft_adapter(path):
-        method, config, delta = read_jft_adapter(path, model)
-    else:
-        method, config, delta = read_run_adapter(path, model, rules)
-    impl = get_method(method)
-    delta = jax.device_put(delta, delta_shardings(impl, delta, model, config, rules))
-    return impl.rebase(base, delta, model, config), [Adapter(delta, method, config)]
+        return read_peft_adapter(path, base, model)
+    if is_jft_adapter(path):
+        return read_jft_adapter(path, model)
+    return read_run_adapter(path, model, rules)
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds an adapter in one of the three formats (by its marker files)."""
+    from jft.formats.jft_adapter import is_jft_adapter
+    from jft.formats.peft_adapter import is_peft_adapter
+
+    path = Path(path)
+    return is_peft_adapter(path) or is_jft_adapter(path) or (path / "checkpoints").is_dir()
 
 
 def delta_shardings(impl, delta, model: ModelConfig, config, rules=None):
