@@ -9,7 +9,7 @@ from tests.hf_reference import save_hf_model
 
 # The slowest files first. Two xdist workers take a file each (pyproject's addopts), and
 # a slow file handed out last would keep one worker busy long after the other is done.
-SLOW_FIRST = ("test_sharding.py", "test_continual_cli.py", "test_train_cli.py",
+SLOW_FIRST = ("test_sharding.py", "test_continual_cli.py", "test_train_cli.py", "test_serve.py",
               "test_export.py", "test_bundled_models.py", "test_delta_axes.py",
               "test_notebooks.py", "test_sharded_loading.py",
               "test_lora_inits.py", "test_peft_lora.py", "test_peft_lisa_hft.py")

@@ -42,7 +42,7 @@ def test_wheel_holds_every_source_module_and_nothing_else(installed_wheel):
 
 
 def test_commands_run_from_the_repository_root(installed_wheel):
-    for module in ("jft.train", "jft.generate", "jft.export"):
+    for module in ("jft.train", "jft.generate", "jft.export", "jft.serve"):
         result = installed_wheel.run(["-m", module, "--help"], cwd=ROOT)
         assert result.returncode == 0, result.stderr
         assert f"python -m {module}" in result.stdout
@@ -55,7 +55,7 @@ def test_commands_run_from_the_repository_root(installed_wheel):
 
 
 def test_commands_run_from_another_directory(installed_wheel, tmp_path):
-    for module in ("jft.train", "jft.generate", "jft.export"):
+    for module in ("jft.train", "jft.generate", "jft.export", "jft.serve"):
         result = installed_wheel.run(["-m", module, "--help"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     result = installed_wheel.run(["-c", SUBPACKAGES_SCRIPT], cwd=tmp_path)

@@ -214,3 +214,20 @@ def test_lora_bank_entry_of_a_rewritten_base_is_its_lora_over_the_original(llama
     expected = base + o["scales"][:, None, None] * (o["a"] @ o["b"])
     np.testing.assert_allclose(np.asarray(merged["layers"]["o_proj"]).reshape(expected.shape),
                                expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_through_the_gathered_lora_kernel(llama, adapters):
+    """`kernels: pallas`: the decode step's LoRA deltas come from the BGMV kernel (in
+    interpret mode here) and the tokens are those of each request alone."""
+    _, model, params = llama
+    model = model.replace(kernels="pallas")
+    names = ["lora8", None, "lora2", "lora8"]
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    settings = EngineSettings(max_batch=4, max_len=64, max_adapters_on_device=2,
+                              max_lora_rank=8)
+    got, _ = _serve(model, params, {n: adapters[n] for n in ("lora8", "lora2")}, names,
+                    prompts, settings, max_tokens=4)
+    for name, prompt, tokens in zip(names, prompts, got, strict=True):
+        chosen = [adapters[name]] if name else []
+        assert tokens == generate_tokens(model.replace(kernels="xla"), params, [prompt], 4,
+                                         [STOP], adapters=chosen)[0], name

@@ -45,6 +45,10 @@ def build_parser() -> ArgumentParser:
                         help="the base model's name in the API (default: --model as given)")
     parser.add_argument("--dtype", default="auto", help="params dtype: float32, bfloat16, or "
                         "auto, float32 on CPU and bfloat16 on GPU/TPU (default: %(default)s)")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
+                        help="the decode step's multi-LoRA kernel: pallas, xla, or auto (the "
+                        "kernel where benchmarks/kernels.py measured it faster) "
+                        "(default: %(default)s)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -103,6 +107,7 @@ def main(argv: list[str]) -> int:
     from jft.serve.metrics import Metrics
 
     model = jft.load(args.model, dtype=args.dtype)
+    model.config = model.config.replace(kernels=args.kernels)
     config, params = model.config, model.params
     model._require_tokenizer()
     max_len = args.max_len or min(config.max_position, DEFAULT_MAX_LEN)
