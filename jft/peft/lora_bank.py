@@ -132,17 +132,29 @@ class LoraBank(MethodBase):
         x = x.reshape(batch, length, math.prod(dims_in))
         a, b, scales = factors["a"], factors["b"], factors["scales"]
         routing = delta_layer["routing"]
-        if config.kernel is None:
-            delta = _gathered_factors_delta(x, routing["row_adapters"], a, b, scales)
-        else:
+
+        def deltas():  # [B, T, N]
+            if config.kernel is None:
+                return _gathered_factors_delta(x, routing["row_adapters"], a, b, scales)
             from jft.pallas_kernels.multi_lora import gathered_lora, grouped_lora
 
             flat = x.reshape(batch * length, -1)
             if config.kernel == "gathered":
                 token_adapters = jnp.repeat(routing["row_adapters"], length)
-                delta = gathered_lora(flat, token_adapters, a, b, scales)
+                out = gathered_lora(flat, token_adapters, a, b, scales)
             else:
-                delta = grouped_lora(flat, routing["group_sizes"] * length, a, b, scales)
+                out = grouped_lora(flat, routing["group_sizes"] * length, a, b, scales)
+            return out.reshape(batch, length, -1)
+
+        # A bank sized for every linear (a server's) holds adapters that target few of
+        # them: where no row's adapter targets this linear in this layer, skip the work.
+        if "row_adapters" in routing:
+            rows = routing["row_adapters"]
+            used = jnp.any((rows >= 0) & (scales[jnp.maximum(rows, 0)] != 0))
+        else:
+            used = jnp.any((routing["group_sizes"] > 0) & (scales != 0))
+        delta = jax.lax.cond(used, deltas,
+                             lambda: jnp.zeros((batch, length, b.shape[-1]), x.dtype))
         return y + delta.reshape(batch, length, *dims_out)
 
 
