@@ -299,6 +299,14 @@ async def _respond(server: Server, body: _Sampling, request: Request,
     return await reply.collect(queue, request)
 
 
+async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    """Puts None in the reply's queue once the client of a non-streamed reply is gone
+    (a streamed one is cancelled by the server itself)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+    queue.put_nowait(None)
+
+
 class _Reply:
     """The requests of one API call and how their outputs become OpenAI objects."""
 
@@ -331,14 +339,13 @@ class _Reply:
         texts = [""] * len(self.requests)
         counts = [0] * len(self.requests)
         reasons: list[str | None] = [None] * len(self.requests)
+        watcher = asyncio.create_task(_watch_disconnect(request, queue))
         try:
             while any(r is None for r in reasons):
-                try:
-                    index, output = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return {}
-                    continue
+                item = await queue.get()
+                if item is None:  # the client went away: nobody to answer
+                    return {}
+                index, output = item
                 texts[index] += output.text
                 counts[index] = output.token_count
                 if output.finish_reason is not None:
@@ -346,6 +353,7 @@ class _Reply:
                         raise ApiError(500, f"generation failed: {output.error}")
                     reasons[index] = output.finish_reason
         finally:
+            watcher.cancel()
             self._release()
         choices = []
         for index, (text, reason) in enumerate(zip(texts, reasons, strict=True)):

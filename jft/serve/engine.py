@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from jft.errors import JftError
 from jft.models import ModelConfig
 from jft.peft.base import use_kernel
 from jft.serve import batch
@@ -153,6 +154,10 @@ class Engine:
     # ------------------------------------------------------------ the HTTP side
 
     def submit(self, request: Request) -> None:
+        total = len(request.prompt) + request.max_tokens
+        if not request.prompt or total > self.settings.max_len:
+            raise JftError(f"a request needs 1 to {self.settings.max_len} tokens (max_len) "
+                           f"for its prompt and completion, not {total}")
         request.text = TextStream(self.tokenizer, request.stop)
         with self._wake:
             self.waiting.append(request)
