@@ -11,8 +11,9 @@ targets and layers_to_transform may differ between the adapters.
 
 The bank's delta, stacked once per call outside the layer scan: per module targeted by
 any adapter, a [L, G, K, R] and b [L, G, R, N] (the module's input and output dims
-flattened to K and N, see `LinearSite.sizes`; G adapters after the layer axis, so the scan
-slices one layer of all of them), and scales [L, G] from each adapter's `lora.plan`. R is
+flattened to K and N, see `LinearSite.sizes`), and scales [L, G] from each adapter's
+`lora.plan`. The scan does not slice the bank (a layer's slice of all G entries would be
+copied at every linear); each linear indexes it at its layer and its rows' entries. R is
 the largest rank any adapter gives the module; smaller ranks are zero-padded and `a` is
 multiplied by each adapter's rank mask, as LoRA's own forward masks it, so padding,
 rank_pattern's smaller ranks and untargeted layers add exactly nothing. A module an
@@ -27,7 +28,8 @@ How the deltas are computed is settled once per call (`LoraBankConfig.kernel`):
 - "gathered" (kernels on, decode T == 1): `multi_lora.gathered_lora`, Punica's BGMV,
   with each token's adapter id; no sort.
 - None (kernels off: `kernels: xla`, or `auto` where no kernel was measured faster, or a
-  multi-device mesh): each row gathers its adapter's factors ([B, K, R], [B, R, N]) and
+  multi-device mesh): each row gathers its adapter's factors of the layer ([B, K, R],
+  [B, R, N], straight from the [L, G, ...] bank) and
   two batched einsums apply them, which is what the vmap path computed for LoRA. Its
   cost, B*T*R*(K+N) multiply-adds plus B*R*(K+N) gathered factor entries per module, does
   not grow with the bank, and it needs no sort. The kernels' XLA references grow with
@@ -117,28 +119,30 @@ class LoraBank(MethodBase):
     def layer_delta(self, delta, model, config):
         # The scan hands each layer a slice of a leading L axis; the routing is the same
         # for every layer, so it is broadcast (a few ints per row) rather than closed over.
-        routing = jax.tree.map(lambda x: jnp.broadcast_to(x, (model.num_layers, *x.shape)),
-                               delta["routing"])
-        return {"modules": delta["layers"], "routing": routing}
+        # The bank itself is not scanned: slicing a layer out of it would copy all G
+        # entries per linear per layer, when the rows need at most B of them.
+        return {"routing": jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (model.num_layers, *x.shape)), delta["routing"])}
 
     def wraps_linear(self, site, delta, delta_layer, config):
-        return site.name in delta_layer["modules"]
+        return site.name in delta["layers"]
 
     def linear(self, site, x, inner, delta, delta_layer, layer, config):
         y = inner(x)
-        factors = delta_layer["modules"][site.name]
+        bank = delta["layers"][site.name]  # a [L, G, K, R], b [L, G, R, N], scales [L, G]
         dims_in, dims_out = site.dims(layer.config)
         batch, length = x.shape[:2]
         x = x.reshape(batch, length, math.prod(dims_in))
-        a, b, scales = factors["a"], factors["b"], factors["scales"]
         routing = delta_layer["routing"]
+        scales = bank["scales"][layer.index]  # [G]
 
         def deltas():  # [B, T, N]
             if config.kernel is None:
-                return _gathered_factors_delta(x, routing["row_adapters"], a, b, scales)
+                return _gathered_factors_delta(x, routing["row_adapters"], layer.index, bank)
             from jft.pallas_kernels.multi_lora import gathered_lora, grouped_lora
 
             flat = x.reshape(batch * length, -1)
+            a, b = bank["a"][layer.index], bank["b"][layer.index]
             if config.kernel == "gathered":
                 token_adapters = jnp.repeat(routing["row_adapters"], length)
                 out = gathered_lora(flat, token_adapters, a, b, scales)
@@ -153,8 +157,8 @@ class LoraBank(MethodBase):
             used = jnp.any((rows >= 0) & (scales[jnp.maximum(rows, 0)] != 0))
         else:
             used = jnp.any((routing["group_sizes"] > 0) & (scales != 0))
-        delta = jax.lax.cond(used, deltas,
-                             lambda: jnp.zeros((batch, length, b.shape[-1]), x.dtype))
+        size_out = bank["b"].shape[-1]
+        delta = jax.lax.cond(used, deltas, lambda: jnp.zeros((batch, length, size_out), x.dtype))
         return y + delta.reshape(batch, length, *dims_out)
 
 
@@ -171,16 +175,16 @@ class _BankAdapter(Adapter):
         return LORA_BANK
 
 
-def _gathered_factors_delta(x, row_adapters, a, b, scales):
-    """x [B, T, K], row_adapters [B] (-1: none), a [G, K, R], b [G, R, N], scales [G]
-    -> each row's delta [B, T, N] in x.dtype, from its own gathered factors."""
+def _gathered_factors_delta(x, row_adapters, index, bank):
+    """x [B, T, K], row_adapters [B] (-1: none) -> each row's delta [B, T, N] in x.dtype
+    from its own factors of layer `index`, gathered straight from the bank."""
     has_adapter = row_adapters >= 0
     rows = jnp.maximum(row_adapters, 0)
-    row_scales = jnp.where(has_adapter, scales[rows], 0.0)
-    shrunk = jnp.einsum("BTK,BKR->BTR", x, a[rows].astype(x.dtype),
+    row_scales = jnp.where(has_adapter, bank["scales"][index, rows], 0.0)
+    shrunk = jnp.einsum("BTK,BKR->BTR", x, bank["a"][index, rows].astype(x.dtype),
                         preferred_element_type=jnp.float32)
     shrunk = (shrunk * row_scales[:, None, None]).astype(x.dtype)
-    return jnp.einsum("BTR,BRN->BTN", shrunk, b[rows].astype(x.dtype),
+    return jnp.einsum("BTR,BRN->BTN", shrunk, bank["b"][index, rows].astype(x.dtype),
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 

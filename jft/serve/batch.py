@@ -160,43 +160,46 @@ class Rowwise(MethodBase):
     [templates, B] each row's entry in each bank, -1 where the row uses another}. Each
     row's output is its own adapter's over the plain base linear: every bank's method is
     applied to every row (vmapped, each row with its entry) and each row keeps its own
-    bank's result, so no method has to be an exact identity over another's output. Not
-    registered: it exists only inside the server's forward.
+    bank's result, so no method has to be an exact identity over another's output. As in
+    `lora_bank`, the banks are not scanned: each linear gathers its rows' entries of its
+    layer. Not registered: it exists only inside the server's forward.
     """
 
     name = "rowwise"
     Config = RowwiseConfig
 
     def layer_delta(self, delta, model, config):
-        groups = []
+        # What the scan slices: the rows, and per bank the linears its method wraps (as
+        # dict keys; wraps_linear gets no model to work them out with).
+        wraps = []
         for (method, method_config), stacked in zip(config.templates, delta["groups"],
                                                     strict=True):
             impl = get_method(method)
-            groups.append(jax.vmap(partial(impl.layer_delta, model=model, config=method_config),
-                                   out_axes=1)(stacked))
+            first = jax.tree.map(lambda leaf: leaf[0], stacked)
+            first_layer = jax.tree.map(lambda leaf: leaf[0],
+                                       impl.layer_delta(first, model, method_config))
+            wraps.append({site.name: jnp.zeros(model.num_layers, bool)
+                          for site in linear_sites(model)
+                          if impl.wraps_linear(site, first, first_layer, method_config)})
         rows = jnp.broadcast_to(delta["rows"], (model.num_layers, *delta["rows"].shape))
-        return {"groups": groups, "rows": rows}
-
-    def _wrapping(self, site, delta, delta_layer, config):
-        """The banks whose method wraps `site`."""
-        return [
-            g for g, (method, method_config) in enumerate(config.templates)
-            if get_method(method).wraps_linear(
-                site, delta["groups"][g], jax.tree.map(lambda x: x[0], delta_layer["groups"][g]),
-                method_config)
-        ]
+        return {"rows": rows, "wraps": wraps}
 
     def wraps_linear(self, site, delta, delta_layer, config):
-        return bool(self._wrapping(site, delta, delta_layer, config))
+        return any(site.name in wraps for wraps in delta_layer["wraps"])
 
     def linear(self, site, x, inner, delta, delta_layer, layer, config):
         # Rowwise is first in the adapter list: what it wraps is the plain base linear.
         y = inner(x)
-        for g in self._wrapping(site, delta, delta_layer, config):
+        for g, wraps in enumerate(delta_layer["wraps"]):
+            if site.name not in wraps:
+                continue
             method, method_config = config.templates[g]
+            impl = get_method(method)
             rows = delta_layer["rows"][g]
-            per_row = jax.tree.map(lambda leaf, rows=rows: leaf[jnp.maximum(rows, 0)],
-                                   delta_layer["groups"][g])
+            every_layer = jax.vmap(partial(impl.layer_delta, model=layer.config,
+                                           config=method_config))(delta["groups"][g])
+            per_row = jax.tree.map(lambda leaf, rows=rows: leaf[jnp.maximum(rows, 0),
+                                                                layer.index], every_layer)
 
             def one_row(x_row, row_delta, method=method, method_config=method_config):
                 pairs = ((Adapter(None, method, method_config), row_delta),)
