@@ -257,6 +257,13 @@ class DeviceAdapters:
         if self.lora_bank is None:
             self.lora_bank = self.lora_shapes.empty(self.model.num_layers, self.dtype)
 
+    def warm_up(self) -> None:
+        """Compiles the bank write by writing an empty entry into a free one."""
+        if None in self.lora_owners:
+            empty = batch.padded_lora_entry({}, self.lora_shapes, self.model.num_layers)
+            self.lora_bank = batch.write_lora_slot(self.lora_bank,
+                                                   self.lora_owners.index(None), empty)
+
     def resident(self) -> list[HostAdapter]:
         return list(self._resident)
 

@@ -215,6 +215,9 @@ class Engine:
                                 cache, keys, values, np.full(n, -1, np.int32),
                                 np.ones(n, np.int32)))
                             count += 1
+        if self.device.lora_bank is not None:  # loading an adapter: compiled up front too
+            self.device.warm_up()
+            count += 1
         for old in self.settings.cache_lengths:
             for new in self.settings.cache_lengths:
                 if old != new:
@@ -268,21 +271,24 @@ class Engine:
     def _admit(self) -> None:
         free = [i for i, r in enumerate(self.slots) if r is None]
         pinned = {r.adapter for r in self.slots if r is not None and r.adapter is not None}
-        admitted = []
+        admitted, leaving = [], []
+        with self._wake:  # only this thread removes from the queue; submit only appends
+            candidates = list(self.waiting)
+        for request in candidates:  # adapter loads outside the lock: submit never waits
+            if request.cancelled:
+                leaving.append(request)
+                self._report(request, "cancelled")
+                continue
+            if len(admitted) == len(free):
+                break
+            if request.adapter is not None:
+                if not self.device.ensure(request.adapter, pinned):
+                    continue  # every device entry is in use: wait for one to free
+                pinned.add(request.adapter)
+            admitted.append(request)
         with self._wake:
-            for request in list(self.waiting):
-                if request.cancelled:
-                    self.waiting.remove(request)
-                    self._report(request, "cancelled")
-                    continue
-                if len(admitted) == len(free):
-                    break
-                if request.adapter is not None:
-                    if not self.device.ensure(request.adapter, pinned):
-                        continue  # every device entry is in use: wait for one to free
-                    pinned.add(request.adapter)
+            for request in admitted + leaving:
                 self.waiting.remove(request)
-                admitted.append(request)
             self.metrics.waiting.set(len(self.waiting))
         if not admitted:
             return
