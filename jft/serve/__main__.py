@@ -142,9 +142,10 @@ def main(argv: list[str]) -> int:
         device.ensure(adapter, set())  # so that start-up compiles their programs too
     engine = Engine(config, params, model.tokenizer, device, settings, metrics)
     count, seconds = engine.compile()
-    log.info("compiled %d programs in %.1f s (batch %d, lengths up to %d, %d adapters on the "
-             "device, LoRA rank up to %d)", count, seconds, settings.max_batch, max_len,
-             settings.max_adapters_on_device, max_rank)
+    bank = (f"a LoRA bank of {settings.max_adapters_on_device} entries up to rank {max_rank}"
+            if device.lora_bank is not None else "no LoRA bank yet")
+    log.info("compiled %d programs in %.1f s (batch %d, lengths up to %d, %s)", count, seconds,
+             settings.max_batch, max_len, bank)
     name = args.served_model_name or args.model
     app = create_app(Server(model, name, store, engine, max_len))
     engine.start()
