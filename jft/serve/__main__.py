@@ -99,9 +99,7 @@ def main(argv: list[str]) -> int:
 
     import jft
     from jft.formats.adapters import is_adapter_dir, read_adapter
-    from jft.peft import Adapter
-    from jft.serve import batch
-    from jft.serve.adapters import AdapterStore, DeviceAdapters, is_bank_lora
+    from jft.serve.adapters import AdapterStore, DeviceAdapters, check_rank, prepare
     from jft.serve.app import Server, create_app
     from jft.serve.engine import Engine, EngineSettings
     from jft.serve.metrics import Metrics
@@ -115,15 +113,18 @@ def main(argv: list[str]) -> int:
         raise JftError(f"--max-len {max_len} is above the model's context length "
                        f"{config.max_position}")
 
-    read = {}
+    prepared = {}  # read once: their ranks set the bank's bound
     for name, path in adapter_paths.items():
         if not is_adapter_dir(path):
             raise JftError(f"--adapter {name}={path}: not an adapter directory (a PEFT "
                            "adapter, a jft adapter or a jft.train run)")
-        read[name] = read_adapter(path, params, config)
-    ranks = [batch.lora_entry_rank(batch.lora_host_entry(config, Adapter(d, m, c)))
-             for m, c, d in read.values() if is_bank_lora(m, c)]
+        prepared[name] = prepare(name, path, *read_adapter(path, params, config), params,
+                                 config, max_rank=None)
+    ranks = [a.rank for a in prepared.values() if a.is_lora]
     max_rank = args.max_lora_rank or max([DEFAULT_LORA_RANK, *ranks])
+    for adapter in prepared.values():
+        if adapter.is_lora:
+            check_rank(adapter, max_rank)
 
     metrics = Metrics()
     settings = EngineSettings(max_batch=args.max_batch, max_len=max_len,
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> int:
     store = AdapterStore(config, params, max_rank, tuple(Path(d) for d in args.adapter_dir),
                          metrics)
     for name, path in adapter_paths.items():
-        store.add(name, path, read[name])
+        store.add(name, path, prepared[name])
     device = DeviceAdapters(config, settings.max_adapters_on_device, max_rank,
                             jnp.dtype(config.dtype), metrics)
     loaded = [adapter for _, _, adapter in store.names() if adapter is not None]

@@ -76,8 +76,9 @@ def is_bank_lora(method: str, config) -> bool:
 
 
 def prepare(name: str, path: Path, method: str, config, delta, base: dict,
-            model: ModelConfig, max_rank: int) -> HostAdapter:
-    """A HostAdapter from a read adapter, or a JftError saying why it cannot be served."""
+            model: ModelConfig, max_rank: int | None) -> HostAdapter:
+    """A HostAdapter from a read adapter, or a JftError saying why it cannot be served
+    (`max_rank` None: the rank is checked later, with `check_rank`)."""
     impl = get_method(method)
     where = f"adapter {name!r} ({path})"
     hooks = [h for h in _BATCH_WIDE_HOOKS
@@ -90,16 +91,23 @@ def prepare(name: str, path: Path, method: str, config, delta, base: dict,
     delta = jax.device_get(delta)
     if is_bank_lora(method, config):
         entry = batch.lora_host_entry(model, Adapter(delta, method, config))
-        rank = batch.lora_entry_rank(entry)
-        if rank > max_rank:
-            raise JftError(f"{where}: LoRA rank {rank} is above --max-lora-rank {max_rank}; "
-                           f"restart the server with --max-lora-rank {rank} or more")
-        return HostAdapter(name, path, method, config, entry, rank=rank)
+        adapter = HostAdapter(name, path, method, config, entry,
+                              rank=batch.lora_entry_rank(entry))
+        if max_rank is not None:
+            check_rank(adapter, max_rank)
+        return adapter
     if impl.rebase(base, delta, model, config) is not base:
         raise JftError(f"{where}: it applies to a rewritten base ({method} init), which "
                        "rows of other adapters do not share; serve a merged model instead")
     adapter = Adapter(delta, method, config)
     return HostAdapter(name, path, method, config, delta, signature=batch.signature(adapter))
+
+
+def check_rank(adapter: HostAdapter, max_rank: int) -> None:
+    if adapter.rank > max_rank:
+        raise JftError(f"adapter {adapter.name!r} ({adapter.path}): LoRA rank {adapter.rank} "
+                       f"is above --max-lora-rank {max_rank}; restart the server with "
+                       f"--max-lora-rank {adapter.rank} or more")
 
 
 class AdapterStore:
@@ -139,15 +147,16 @@ class AdapterStore:
             entries += [(n, path, None) for n, path in self._lazy.items()]
         return sorted(entries, key=lambda entry: entry[0])
 
-    def add(self, name: str, path: str | Path, read=None) -> HostAdapter:
-        """Reads and registers an adapter; AdapterConflict if the name is taken. read:
-        its (method, config, delta) where the caller has read it already."""
+    def add(self, name: str, path: str | Path, prepared: HostAdapter | None = None
+            ) -> HostAdapter:
+        """Reads and registers an adapter; AdapterConflict if the name is taken.
+        prepared: the adapter where the caller has read it already."""
         _check_name(name)
         with self._lock:
             if name in self._loaded or name in self._lazy:
                 raise AdapterConflict(f"an adapter named {name!r} is already served; delete "
                                       "it first (DELETE /v1/adapters/NAME)")
-        adapter = self._read(name, Path(path), read)
+        adapter = prepared or self._read(name, Path(path))
         with self._lock:
             if name in self._loaded or name in self._lazy:
                 raise AdapterConflict(f"an adapter named {name!r} is already served")
@@ -211,15 +220,13 @@ class AdapterStore:
                 self._loaded[name] = adapter
             return adapter
 
-    def _read(self, name: str, path: Path, read=None) -> HostAdapter:
+    def _read(self, name: str, path: Path) -> HostAdapter:
         from jft.formats.adapters import is_adapter_dir, read_adapter
 
-        if read is None:
-            if not path.is_dir() or not is_adapter_dir(path):
-                raise JftError(f"adapter {name!r}: {path} is not an adapter directory (a "
-                               "PEFT adapter, a jft adapter or a jft.train run)")
-            read = read_adapter(path, self.base, self.model)
-        method, config, delta = read
+        if not path.is_dir() or not is_adapter_dir(path):
+            raise JftError(f"adapter {name!r}: {path} is not an adapter directory (a "
+                           "PEFT adapter, a jft adapter or a jft.train run)")
+        method, config, delta = read_adapter(path, self.base, self.model)
         adapter = prepare(name, path, method, config, delta, self.base, self.model,
                           self.max_rank)
         if self.metrics is not None:
@@ -266,9 +273,6 @@ class DeviceAdapters:
 
     def resident(self) -> list[HostAdapter]:
         return list(self._resident)
-
-    def entry(self, adapter: HostAdapter) -> int:
-        return self._resident[adapter]
 
     def ensure(self, adapter: HostAdapter, pinned: set) -> bool:
         """Puts `adapter` on the device (evicting an unpinned one if full); False when

@@ -26,7 +26,6 @@ A rowwise signature first seen while serving compiles once, when a batch first h
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 from typing import Any
 
@@ -381,8 +380,3 @@ def resize(cache, length: int):
             "valid": jnp.pad(cache["valid"], ((0, 0), (0, length - current))),
             "index": cache["index"]}
 
-
-def cache_bytes(model: ModelConfig, rows: int, length: int) -> int:
-    itemsize = jnp.dtype(model.dtype).itemsize
-    return 2 * math.prod((model.num_layers, rows, length, model.num_kv_heads,
-                          model.head_dim)) * itemsize

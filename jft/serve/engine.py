@@ -187,8 +187,9 @@ class Engine:
         """Runs every program once at every shape it serves: (programs, seconds)."""
         start, count = time.perf_counter(), 0
         rows = self.settings.max_batch
-        signatures = [None] + [a for a in self.device.resident() if not a.is_lora]
-        for rowwise in signatures:
+        # The base and LoRA bank, then one resident adapter of each rowwise signature.
+        by_signature = {a.signature: a for a in self.device.resident() if not a.is_lora}
+        for rowwise in [None, *by_signature.values()]:
             row_adapters = [rowwise] + [None] * (rows - 1)
             routing = self.device.routing(row_adapters)
             for length in self.settings.cache_lengths:
