@@ -14,6 +14,15 @@ class JftError(Exception):
     """
 
 
+class ConfigValueError(JftError):
+    """A config key's value found wrong only once the model is known (e.g. targets that
+    match no module). `key` is its dotted name, so a CLI can name the config file too."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Runs a CLI entry point; bad input becomes one stderr line and exit 2.
 

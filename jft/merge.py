@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jft.errors import JftError, run_cli
 from jft.export import publish, write_model
+from jft.storage import check_creatable, writing
 
 FORMATS = ("jft", "peft", "merged", "gguf")
 RECIPE_FILE = "merge_recipe.json"
@@ -70,25 +71,28 @@ def main(argv: list[str]) -> int:
     if out.exists() and not args.overwrite:
         raise JftError(f"{out} exists; choose another --out, or pass --overwrite to move it "
                        "aside")
+    partial = out.with_name(out.name + ".partial")  # renamed at the end: no half output
+    check_creatable(partial if out.exists() else out, "--out")  # before the model loads
     import jft
 
     model = jft.load(args.model, dtype="float32", compute_dtype="float32")
-    partial = out.with_name(out.name + ".partial")  # renamed at the end: no half output
-    shutil.rmtree(partial, ignore_errors=True)
-    if args.method == "compress":
-        recipe = _compress(args, model, partial)
-    else:
-        from jft.merging.api import merge
+    shutil.rmtree(partial, ignore_errors=True)  # a killed merge's leftovers
+    with writing(out, partial=partial):
+        if args.method == "compress":
+            recipe = _compress(args, model, partial)
+        else:
+            from jft.merging.api import merge
 
-        result = merge(model, args.inputs, args.method, args.weights,
-                       density=1.0 if args.density is None else args.density,
-                       seed=args.seed, majority_sign=args.majority_sign, gamma=args.gamma,
-                       epsilon=args.epsilon, scale=args.scale, lines_alpha=args.lines_alpha,
-                       lines_beta=args.lines_beta, svd_rank=args.svd_rank)
-        _write(result, args, partial)
-        recipe = result.recipe
-    recipe |= {"base_model": args.model, "format": args.format}
-    (partial / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+            result = merge(model, args.inputs, args.method, args.weights,
+                           density=1.0 if args.density is None else args.density,
+                           seed=args.seed, majority_sign=args.majority_sign, gamma=args.gamma,
+                           epsilon=args.epsilon, scale=args.scale,
+                           lines_alpha=args.lines_alpha, lines_beta=args.lines_beta,
+                           svd_rank=args.svd_rank)
+            _write(result, args, partial)
+            recipe = result.recipe
+        recipe |= {"base_model": args.model, "format": args.format}
+        (partial / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     publish(partial, out)
     return 0
 

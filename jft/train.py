@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jft.errors import JftError, run_cli
+from jft.errors import ConfigValueError, JftError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,8 @@ def main(argv: list[str]) -> int:
     datasets.disable_progress_bars()  # "Generating train split" bars would cut status lines
     if not is_main_process():  # one copy of each warning, from process 0
         warnings.simplefilter("ignore")
-    run = Run(load_config(config, overrides), overwrite=args.overwrite)
+    run = Run(load_config(config, overrides), overwrite=args.overwrite,
+              source=config or "the command line")
     return run.train()
 
 
@@ -77,29 +78,51 @@ def fine_tune(config: str | None, overrides: Sequence[str] = (), overwrite: bool
     """`python -m jft.train` from Python (notebooks): trains, and returns the run directory."""
     from jft.training.config import load_config
 
-    run = Run(load_config(config, list(overrides)), overwrite=overwrite)
+    run = Run(load_config(config, list(overrides)), overwrite=overwrite,
+              source=config or "the overrides")
     run.train()
     return run.directory
 
 
 class Run:
-    """One training run, set up (model, data, adapter, optimiser, checkpoints) in order."""
+    """One training run, set up (model, data, adapter, optimiser, checkpoints) in order.
 
-    def __init__(self, config, overwrite: bool = False):
-        import jft
+    The run directory is claimed (locked) first, and written only once the model, the data
+    and the adapter have been set up: a run that fails on its input leaves it as it was.
+    """
+
+    def __init__(self, config, overwrite: bool = False, source: str = "config"):
         from jft.sharding import make_rules
         from jft.sharding.distributed import barrier, from_main, is_main_process
-        from jft.sharding.placement import bytes_per_device, total_bytes
-        from jft.training.checkpoints import base_fingerprint
-        from jft.training.outputs import prepare_run_dir
+        from jft.training.run_dir import RunDirectory
 
         self._begin(config, make_rules(config.mesh.mesh_config()))
-        resuming = False
-        if is_main_process():  # one process prepares the shared directory; the rest wait
-            resuming = prepare_run_dir(config.output_dir, config.to_dict(),
-                                       config.fingerprint(), overwrite)
-        barrier("jft: run directory")
-        resuming = from_main(resuming)
+        self.source = source
+        if is_main_process():  # one process claims the shared directory; the rest wait
+            self.claim = RunDirectory(config.output_dir, config.fingerprint(), overwrite)
+        try:
+            self._set_up()
+            resuming = from_main(self.claim is not None and self.claim.resuming)
+            if not resuming:  # a fresh run's folder holds no other run's checkpoints
+                self._commit()
+            barrier("jft: run directory")
+            self._open_checkpoints(resuming)
+            if resuming:  # only once the checkpoint has been read
+                self._commit()
+        except BaseException:
+            self.close()
+            raise
+
+    def _commit(self):
+        if self.claim is not None:
+            self.claim.commit(self.config.to_dict())
+
+    def _set_up(self):
+        import jft
+        from jft.sharding.placement import bytes_per_device, total_bytes
+        from jft.training.checkpoints import base_fingerprint
+
+        config = self.config
         with self._status(f"loading model {config.model}"):
             model = jft.load(config.model, dtype=config.model_dtype,
                              compute_dtype=config.compute_dtype, rules=self.rules)
@@ -121,12 +144,18 @@ class Run:
             print(f"mesh {dict(self.rules.mesh.shape)}: base {total_bytes(self.base) / 2**20:.1f}"
                   f" MiB, at most {max(held.values()) / 2**20:.1f} MiB on one device",
                   file=sys.stderr)
-        self._open_checkpoints(resuming)
+
+    def close(self):
+        """Releases the run directory (its lock)."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def _begin(self, config, rules):
         from jft.sharding.distributed import is_main_process
 
         self.started = time.perf_counter()
+        self.claim = None
         self.config = config
         self.directory = Path(config.output_dir)
         self.is_main = is_main_process()
@@ -144,7 +173,11 @@ class Run:
         if resuming and latest is not None:
             checkpoint = self.directory / "checkpoints" / str(latest)
             with self._status(f"resuming from step {latest} (checkpoint {checkpoint})"):
-                self._restore()
+                try:
+                    self._restore()
+                except BaseException:
+                    self.checkpoints.close()
+                    raise
         self.last_saved = self.start_step if self.start_step else None
 
     def _status(self, doing: str) -> contextlib.AbstractContextManager:
@@ -193,8 +226,11 @@ class Run:
             batches = batcher(self.train_tokens, self.data_config, self.model.tokenizer,
                               self.config.train.batch_size, self.config.train.seed + 1)
             calibration = [next(batches) for _ in range(method.calibration_batches)]
-        return create(method.name, jax.random.key(self.config.train.seed), self.model.params,
-                      self.model_config, calibration, method.config)
+        try:
+            return create(method.name, jax.random.key(self.config.train.seed),
+                          self.model.params, self.model_config, calibration, method.config)
+        except ConfigValueError as error:  # e.g. targets that match none of this model's
+            raise JftError(f"{self.source}: {error}") from None
 
     @property
     def adapter(self):
@@ -237,6 +273,13 @@ class Run:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
+        """Trains to `train.steps` (or a stop signal), then releases the run directory."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> int:
         from jft.sharding.distributed import agree
         from jft.training.outputs import (
             EVAL_BEFORE_FILE,
@@ -308,12 +351,14 @@ class Run:
             self.save(step)
         finally:
             stop.close()
-            self.checkpoints.close()
-            progress.close()
-            records = []
-            if log is not None:
-                records = log.records()
-                log.close()
+            try:
+                self.checkpoints.close()
+            finally:
+                progress.close()
+                records = []
+                if log is not None:
+                    records = log.records()
+                    log.close()
         if records:
             write_loss_curve(self.directory)
         if stopped and self.is_main:

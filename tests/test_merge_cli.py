@@ -189,6 +189,18 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, args,
     assert not out.exists() and not Path(str(out) + ".partial").exists()
 
 
+def test_an_out_that_cannot_be_created_is_refused_before_loading(setup, tmp_path, capsys,
+                                                                 monkeypatch):
+    directory, _, adapters = setup
+    monkeypatch.setattr(jft, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "file").write_text("")
+    code, _, err = _merge(capsys, "--model", directory / "base", "--inputs", adapters["a"],
+                          "--method", "linear", "--format", "jft", "--out",
+                          tmp_path / "file" / "out")
+    assert code == 2 and err == (f"error: --out {tmp_path / 'file' / 'out'}: cannot create it "
+                                 f"({tmp_path / 'file'} is a file, not a directory)\n")
+
+
 def test_compress_reports_bytes_and_loss_and_merges_back(setup, tmp_path, capsys):
     directory, _, adapters = setup
     base = directory / "base"

@@ -224,6 +224,7 @@ def test_resume_after_kill_9_logs_the_same_losses(tiny_model, tmp_path):
     checkpoints = killed / "run" / "checkpoints"
     saved = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     out = _train(config)  # resumes from the last checkpoint
+    assert f"warning: {killed / 'run'}: taking over the lock of process {process.pid}" in out.stderr
     assert f"resuming from step {saved} (checkpoint {checkpoints / str(saved)}) ... " in out.stderr
     # Off a terminal, one plain line per logged step, from the first one after the checkpoint.
     assert re.search(rf"^step {saved + 1}: loss=", out.stdout, re.M)

@@ -47,11 +47,13 @@ class StageRun(Run):
 
     def __init__(self, config, run: ContinualRun, base, adapters, objective, batches):
         from jft.training.checkpoints import base_fingerprint
-        from jft.training.outputs import prepare_run_dir
+        from jft.training.run_dir import RunDirectory
 
         self._begin(config, run.rules)
-        resuming = prepare_run_dir(config.output_dir, config.to_dict(), config.fingerprint(),
-                                   overwrite=False)
+        # The continual run's lock covers its stages' folders.
+        claim = RunDirectory(config.output_dir, config.fingerprint(), False, lock=False)
+        claim.commit(config.to_dict())
+        resuming = claim.resuming
         self.model, self.model_config = run.model, run.model_config
         self.base_hash = base_fingerprint(base)
         self.batcher, self.eval_batches, self.eval_examples = batches, None, []
@@ -84,7 +86,7 @@ class ContinualRun:
         import jft
         from jft.continual.strategies import STRATEGIES
         from jft.sharding import make_rules
-        from jft.training.outputs import prepare_run_dir
+        from jft.training.run_dir import RunDirectory
 
         self.started = time.perf_counter()
         self.config = config
@@ -93,17 +95,23 @@ class ContinualRun:
         self.options = config.continual.options
         self.memo: dict = {}  # what strategies compute once per run (GeRe, ConPET)
         train = config.base
-        prepare_run_dir(str(self.directory), config.to_dict(), config.fingerprint(), overwrite)
-        self.rules = make_rules(train.mesh.mesh_config())
-        with _status_line(f"loading model {train.model}"):
-            self.model = jft.load(train.model, dtype=train.model_dtype,
-                                  compute_dtype=train.compute_dtype, rules=self.rules)
-        self.model_config = self.model.config.replace(remat=train.remat, kernels=train.kernels)
-        self.original = self.model.params
-        self.model.params = None  # the stages hold the bases they train over
-        self.tokenizer = self.model.tokenizer
-        with _status_line("reading and tokenizing the tasks"):
-            self._read_tasks()
+        self.claim = RunDirectory(self.directory, config.fingerprint(), overwrite)
+        try:
+            self.rules = make_rules(train.mesh.mesh_config())
+            with _status_line(f"loading model {train.model}"):
+                self.model = jft.load(train.model, dtype=train.model_dtype,
+                                      compute_dtype=train.compute_dtype, rules=self.rules)
+            self.model_config = self.model.config.replace(remat=train.remat,
+                                                          kernels=train.kernels)
+            self.original = self.model.params
+            self.model.params = None  # the stages hold the bases they train over
+            self.tokenizer = self.model.tokenizer
+            with _status_line("reading and tokenizing the tasks"):
+                self._read_tasks()
+            self.claim.commit(config.to_dict())
+        except BaseException:
+            self.claim.release()
+            raise
 
     # ------------------------------------------------------------------ data
 
@@ -140,6 +148,13 @@ class ContinualRun:
     # ------------------------------------------------------------------ the stages
 
     def run(self) -> int:
+        """Trains and evaluates the stages in turn, then releases the run directory."""
+        try:
+            return self._run()
+        finally:
+            self.claim.release()
+
+    def _run(self) -> int:
         tasks = self.config.tasks
         carried = Carried(self.original)
         for index, task in enumerate(tasks):

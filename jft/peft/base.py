@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.errors import JftError
+from jft.errors import ConfigValueError, JftError
 from jft.models import ModelConfig
 from jft.models.sites import LinearSite, linear_sites
 from jft.pallas_kernels import use_pallas
@@ -291,16 +291,18 @@ class Targets:
         if self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < model.num_layers]
             if bad:
-                raise JftError(f"layers_to_transform has {bad}; the model has layers "
-                               f"0..{model.num_layers - 1}")
+                raise ConfigValueError("method.layers_to_transform",
+                                       f"layers_to_transform has {bad}; the model has layers "
+                                       f"0..{model.num_layers - 1}")
             layers = self.layers
         sites = linear_sites(model)
         names = [site.name for site in sites]
         if isinstance(self.modules, tuple):
             unknown = [m for m in self.modules if m not in names]
             if unknown:
-                raise JftError(f"unknown target module {unknown[0]!r}; valid: "
-                               f"{', '.join(names)}, 'all-linear' or a regex")
+                raise ConfigValueError("method.targets",
+                                       f"unknown target module {unknown[0]!r}; valid: "
+                                       f"{', '.join(names)}, 'all-linear' or a regex")
         chosen: dict[str, np.ndarray] = {}
         for site in sites:
             active = np.zeros(model.num_layers, bool)
@@ -309,7 +311,8 @@ class Targets:
             if active.any():
                 chosen[site.name] = active
         if not chosen:
-            raise JftError(
+            raise ConfigValueError(
+                "method.targets",
                 f"targets {self.modules!r} match no module; valid: {', '.join(names)}, "
                 "'all-linear', or a regex over paths like 'model.layers.0.self_attn.q_proj'"
             )

@@ -9,9 +9,12 @@ types the optimiser uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,16 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jft.errors import JftError
+from jft.storage import check_free_space, is_out_of_space, out_of_space, remove
 from jft.training.step import TrainState
 
 
 class RunCheckpoints:
-    """The `checkpoints/` folder of a run: save every N steps (async), keep the last K."""
+    """The `checkpoints/` folder of a run: save every N steps (async), keep the last K.
+
+    A full disk ends the run with one line naming the checkpoint that did not fit; its
+    half-written folder is removed and the earlier checkpoints are kept.
+    """
 
     def __init__(self, directory: str | os.PathLike, keep: int):
         self.directory = Path(directory).absolute()
@@ -34,6 +42,12 @@ class RunCheckpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=True),
         )
+        self.writing: tuple[int, int] | None = None  # (step, bytes) of the save in flight
+        self.failed = False
+        # Orbax logs a failed background save at ERROR from several threads, with
+        # tracebacks (hundreds of lines for one full disk); it is raised here anyway.
+        self.quiet = _DiskFullLogs()
+        logging.getLogger("absl").addFilter(self.quiet)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -42,31 +56,109 @@ class RunCheckpoints:
         """Starts an asynchronous save. `meta` (JSON) holds the data position, the method
         and its options. The adapter is saved once, inside the state: `load_adapter`
         restores just its leaves from there."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_flatten(state)), meta=ocp.args.JsonSave(meta)))
+        flat = _flatten(state)
+        needed = max(sum(leaf.nbytes for leaf in flat.values()), self._last_size())
+        with self._disk_errors():  # also the previous save's, which surface here
+            self.writing = (step, needed)
+            check_free_space(self.directory / str(step), needed)
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)))
 
     def restore(self, template: TrainState, step: int | None = None
                 ) -> tuple[TrainState, dict[str, Any]]:
         step = self.latest_step() if step is None else step
         flat = _flatten(template)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat)
-        try:
+        with _unreadable_checkpoint(self.directory / str(step)):
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore(),
             ))
-        except (ValueError, KeyError, FileNotFoundError) as error:
-            raise JftError(
-                f"{self.directory}/{step}: checkpoint does not match this run's model and "
-                f"method ({type(error).__name__}: {str(error)[:200]})"
-            ) from None
         return _unflatten(template, restored.state), dict(restored.meta)
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            if self.failed:  # reported already; what is left to close fails the same way
+                with contextlib.suppress(Exception):
+                    self.manager.close()
+                return
+            with self._disk_errors():
+                self.manager.wait_until_finished()
+                self.manager.close()
+        finally:
+            logging.getLogger("absl").removeFilter(self.quiet)
+
+    def _last_size(self) -> int:
+        """The disk space the latest finished checkpoint takes (its arrays, Orbax's metadata
+        and the filesystem's blocks): about what the next one needs."""
+        step = self.latest_step()
+        if step is None:
+            return 0
+        return sum(path.stat().st_blocks * 512
+                   for path in (self.directory / str(step)).rglob("*") if path.is_file())
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """A full disk, here or in the background save, as one line; the half-written
+        checkpoint removed."""
+        try:
+            yield
+        except Exception as error:
+            if not is_out_of_space(error):
+                raise
+            self.failed = True
+            step, needed = self.writing or (None, None)
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                remove(partial)
+            target = self.directory / str(step) if step is not None else self.directory
+            raise out_of_space(target, needed) from None
+
+
+class _DiskFullLogs(logging.Filter):
+    """Drops log records about a full disk."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (is_out_of_space(error) or is_out_of_space(Exception(record.getMessage())))
+
+
+@contextlib.contextmanager
+def _unreadable_checkpoint(checkpoint: Path) -> Iterator[None]:
+    """A checkpoint Orbax cannot read as one line: another model's or method's (its
+    structure differs), or damaged data (TensorStore's errors, e.g. DATA_LOSS)."""
+    try:
+        yield
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        if not _is_data_error(error):
+            raise JftError(f"{checkpoint}: checkpoint does not match this run's model and "
+                           f"method ({type(error).__name__}: {_first_line(error)})") from None
+        raise _damaged(checkpoint, error) from None
+    except Exception as error:  # TensorStore read failures arrive as a bare Exception
+        raise _damaged(checkpoint, error) from None
+
+
+def _is_data_error(error: BaseException) -> bool:
+    text = str(error)
+    return any(code in text for code in ("DATA_LOSS", "OUT_OF_RANGE", "zarr", "OCDBT",
+                                         "Error reading", "Error opening"))
+
+
+def _damaged(checkpoint: Path, error: BaseException) -> JftError:
+    cause = error.__cause__ or error
+    earlier = sorted(int(p.name) for p in checkpoint.parent.iterdir()
+                     if p.name.isdigit() and int(p.name) < int(checkpoint.name))
+    hint = (f"delete it to resume from checkpoint {earlier[-1]}" if earlier else
+            "delete it (no earlier checkpoint is left) or choose another output_dir")
+    return JftError(f"{checkpoint}: checkpoint data is damaged and cannot be read "
+                    f"({_first_line(cause)}); {hint}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
 
 
 def read_run_adapter(run_dir: str | os.PathLike, model, rules=None):
@@ -80,6 +172,9 @@ def read_run_adapter(run_dir: str | os.PathLike, model, rules=None):
     from jft.peft import get_method, make_config
 
     run_dir, step = Path(run_dir).absolute(), None
+    if not run_dir.exists():
+        raise JftError(f"{run_dir}: adapter does not exist; give a jft run directory, a PEFT "
+                       "adapter directory or a jft adapter directory")
     if run_dir.parent.name == "checkpoints" and run_dir.name.isdigit():  # one checkpoint
         run_dir, step = run_dir.parents[1], int(run_dir.name)
     directory = run_dir / "checkpoints"
@@ -95,7 +190,8 @@ def read_run_adapter(run_dir: str | os.PathLike, model, rules=None):
     elif step not in manager.all_steps():
         raise JftError(f"{directory}/{step}: not a finished checkpoint; finished: "
                        f"{sorted(manager.all_steps())}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    with _unreadable_checkpoint(directory / str(step)):
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if "architecture" in meta:  # runs saved before it was recorded go unchecked
         check_architecture(meta["architecture"], model, directory / str(step))
     config = make_config(meta["method"], meta["options"])
@@ -112,16 +208,18 @@ def read_run_adapter(run_dir: str | os.PathLike, model, rules=None):
     shardings = delta_shardings(impl, abstract, model, config, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    if separate:
-        delta = manager.restore(step, args=ocp.args.Composite(
-            adapter=ocp.args.StandardRestore(target))).adapter
-    else:  # only the delta's leaves of the state: not the optimiser moments
-        flat = _delta_paths(target)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=flat, restore_args=jax.tree.map(
-                lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), flat),
-            partial_restore=True))).state
-        delta = jax.tree.map(lambda path: restored[path], _delta_paths(abstract, as_path=True))
+    with _unreadable_checkpoint(directory / str(step)):
+        if separate:
+            delta = manager.restore(step, args=ocp.args.Composite(
+                adapter=ocp.args.StandardRestore(target))).adapter
+        else:  # only the delta's leaves of the state: not the optimiser moments
+            flat = _delta_paths(target)
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=flat, restore_args=jax.tree.map(
+                    lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), flat),
+                    partial_restore=True))).state
+            delta = jax.tree.map(lambda path: restored[path],
+                                 _delta_paths(abstract, as_path=True))
     manager.close()
     delta, config = impl.split(delta, model, config)
     return meta["method"], config, delta

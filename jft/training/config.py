@@ -23,6 +23,7 @@ import optax
 import yaml
 
 from jft.errors import JftError
+from jft.storage import check_creatable
 from jft.training.data import DataConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -565,10 +566,12 @@ def _check_combinations(config: TrainConfig, context: _Context, check_paths: boo
         context.fail("model", "model must name a bundled model, an HF directory or a .gguf file")
     if not config.output_dir:
         context.fail("output_dir", "output_dir must be a directory path, got ''")
-    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
-        context.fail("output_dir", f"output_dir {config.output_dir} exists and is not a directory")
     if not check_paths:
         return
+    try:
+        check_creatable(config.output_dir, "output_dir")
+    except JftError as error:
+        context.fail("output_dir", str(error))
     model = Path(config.model)
     if config.model not in BUNDLED_MODELS:
         if not model.exists():

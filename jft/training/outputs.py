@@ -1,22 +1,19 @@
-"""What a run writes: its directory, resolved config, metrics.jsonl, the eval generations,
-TensorBoard events, the loss-curve PNG, and the throughput figures (tokens/s, honest MFU)."""
+"""What a run writes as it trains: metrics.jsonl, the eval generations, TensorBoard events,
+the loss-curve PNG, and the throughput figures (tokens/s, honest MFU). The directory itself,
+its config.yaml and its lock: `jft.training.run_dir`."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import yaml
 
 from jft.errors import JftError
 from jft.models import ModelConfig
 
-CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 EVAL_BEFORE_FILE = "eval_before.json"
 GENERATIONS_FILE = "eval_generations.jsonl"
@@ -28,38 +25,6 @@ _PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12,
 }
-
-
-def prepare_run_dir(output_dir: str, resolved: dict, fingerprint: str, overwrite: bool) -> bool:
-    """Creates the run directory; True when it holds this same run to resume.
-
-    Another config's run is refused; with `overwrite` it is moved aside (never deleted).
-    """
-    directory = Path(output_dir)
-    config_path = directory / CONFIG_FILE
-    if directory.exists() and any(directory.iterdir()):
-        existing = _read_fingerprint(config_path)
-        if existing == fingerprint and not overwrite:
-            return True
-        if not overwrite:
-            reason = ("holds a run of another config" if existing else
-                      "is not empty and holds no jft run")
-            raise JftError(f"{directory}: output_dir {reason}; choose another output_dir, or "
-                           "pass --overwrite to move it aside and start fresh")
-        aside = free_name(directory)
-        shutil.move(str(directory), aside)
-        print(f"moved the previous run to {aside}", file=sys.stderr)
-    directory.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump({**resolved, "fingerprint": fingerprint},
-                                          sort_keys=False))
-    return False
-
-
-def _read_fingerprint(path: Path) -> str | None:
-    try:
-        return yaml.safe_load(path.read_text()).get("fingerprint")
-    except (OSError, AttributeError, yaml.YAMLError):
-        return None
 
 
 def free_name(directory: Path) -> Path:
