@@ -62,6 +62,10 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         raise JftError(f"bad sampling flag: {error}") from None
     adapter = args.adapter
+    if adapter is not None:  # before the model loads, which takes a while
+        from jft.formats.adapters import check_adapter_exists
+
+        check_adapter_exists(adapter, "--adapter")
     if args.continual is not None:
         from jft.continual.inference import RESULTS_FILE, is_continual_run
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from jft.errors import run_cli
+import jft
+from jft.errors import JftError, run_cli
 from jft.generate import main
 from tests.hf_reference import save_hf_model
 
@@ -106,3 +107,64 @@ def test_cli_process_exits_2_without_traceback_and_debug_shows_it(tmp_path):
     assert "Traceback" not in plain.stderr and "no such file" in plain.stderr
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.fixture(scope="module")
+def adapters(hf_dir, tmp_path_factory):
+    """A LoRA over `hf_dir` saved as a PEFT adapter (root/peft) and a jft one (root/jft)."""
+    import jax
+
+    import jft
+    from jft.formats.jft_adapter import save_jft_adapter
+    from jft.formats.peft_adapter import save_peft_adapter
+    from jft.peft import create
+
+    model = jft.load(hf_dir, dtype="float32")
+    _, adapter = create("lora", jax.random.key(0), model.params, model.config, r=2)
+    root = tmp_path_factory.mktemp("adapters")
+    save_peft_adapter(adapter, model.config, root / "peft", str(hf_dir))
+    (root / "jft").mkdir()
+    save_jft_adapter(adapter, model.config, root / "jft", str(hf_dir))
+    return root
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[:-100]
+
+
+def _bad_header(data: bytes) -> bytes:
+    return b"\xff" * 8 + data[8:]
+
+
+@pytest.mark.parametrize("kind, name, corrupt, problem", [
+    ("peft", "adapter_model.safetensors", _truncated, "file is truncated"),
+    ("peft", "adapter_model.safetensors", _bad_header, "corrupt safetensors header"),
+    ("peft", "adapter_config.json", lambda _: b"[1, 2]",
+     "not a PEFT adapter config (a JSON list, where an object of options belongs)"),
+    ("peft", "adapter_config.json", lambda _: b"{", "unreadable PEFT adapter config"),
+    ("jft", "adapter.safetensors", _truncated, "file is truncated"),
+    ("jft", "jft_adapter.json", lambda _: b"[]",
+     "not a jft adapter config (a JSON list, where an object of options belongs)"),
+    ("jft", "jft_adapter.json", lambda data: data[:10], "unreadable jft adapter config"),
+], ids=["peft-truncated", "peft-bad-header", "peft-config-list", "peft-config-not-json",
+        "jft-truncated", "jft-config-list", "jft-config-not-json"])
+def test_a_broken_adapter_file_is_named_by_generate_and_export(
+        kind, name, corrupt, problem, capsys, hf_dir, adapters, tmp_path):
+    from jft.export import main as export
+
+    broken = _copy(adapters / kind, tmp_path / kind)
+    (broken / name).write_bytes(corrupt((broken / name).read_bytes()))
+    line = _run(capsys, hf_dir, "--adapter", str(broken))
+    assert line.startswith(f"error: {broken / name}: {problem}"), line
+    status = run_cli(export, ["--model", str(hf_dir), "--adapter", str(broken), "--out",
+                              str(tmp_path / "out"), "--format", "merged"])
+    assert (status, capsys.readouterr().err) == (2, line + "\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kind]
+
+
+def test_a_missing_adapter_says_it_does_not_exist(capsys, hf_dir, tmp_path):
+    assert _run(capsys, hf_dir, "--adapter", str(tmp_path / "nope")) == (
+        f"error: --adapter {tmp_path / 'nope'}: adapter does not exist; give a run directory, "
+        "a PEFT adapter directory or a jft adapter directory")
+    with pytest.raises(JftError, match=f"^{tmp_path / 'nope'}: adapter does not exist"):
+        jft.load(hf_dir, adapter=tmp_path / "nope")

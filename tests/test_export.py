@@ -5,6 +5,8 @@ with the same logits; `python -m jft.export` end to end and its bad input."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 import jft
 from jft.api import Model
 from jft.errors import JftError
+from jft.export import FORMATS
 from jft.formats.hf_export import write_hf_dir
 from jft.peft import Adapter, create, get_method
 from jft.peft.base import partition
@@ -205,3 +208,134 @@ def test_jft_adapter_for_another_base_is_refused(tmp_path):
     other = base.config.replace(mlp_dim=base.config.mlp_dim * 2)
     with pytest.raises(JftError, match="made for a model with mlp_dim=96, this base has 192"):
         load_adapter(tmp_path, base.params, other)
+
+
+# ---------------------------------------------------------------- reliability: paths, disk, modes
+
+
+@pytest.fixture(scope="module")
+def tiny_peft(tiny_model, tmp_path_factory):  # noqa: F811
+    """A LoRA over `tiny_model` as a PEFT adapter directory that names its base by path."""
+    from jft.formats.peft_adapter import save_peft_adapter
+
+    model = jft.load(tiny_model, dtype="float32", compute_dtype="float32")
+    adapter = _trained("lora", model, 5, targets="all-linear", r=4).adapters[0]
+    directory = tmp_path_factory.mktemp("peft")
+    save_peft_adapter(adapter, model.config, directory, str(tiny_model))
+    return directory
+
+
+def _export_in_process(capsys, *args) -> tuple[int, list[str]]:
+    from jft.errors import run_cli
+    from jft.export import main
+
+    status = run_cli(main, [str(a) for a in args])
+    return status, capsys.readouterr().err.splitlines()
+
+
+def _tree(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): None if p.is_dir() else (p.stat().st_size,
+                                                                     p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_exported_files_follow_the_umask_and_the_base_comes_from_the_adapter(
+        tiny_model, tiny_peft, tmp_path, capsys):  # noqa: F811
+    previous = os.umask(0o022)
+    try:
+        for format in FORMATS:  # no --model: the adapter's base_model_name_or_path
+            status, err = _export_in_process(capsys, "--adapter", tiny_peft, "--out",
+                                             tmp_path / format, "--format", format)
+            assert status == 0, err
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in tmp_path.rglob("*")}
+    assert {"merged/model.safetensors", "merged/tokenizer.json", "gguf/model.gguf",
+            "peft/adapter_model.safetensors", "jft/adapter.safetensors"} <= set(modes)
+    assert {name: mode for name, mode in modes.items()
+            if mode != (0o755 if (tmp_path / name).is_dir() else 0o644)} == {}
+    written = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(tiny_model)
+
+
+def test_a_peft_adapters_base_is_a_path_or_a_bundled_hub_id(tiny_peft, tmp_path, capsys,
+                                                            monkeypatch):
+    loaded = []
+
+    def load(name, **_):
+        loaded.append(name)
+        raise JftError("loaded")
+
+    monkeypatch.setattr(jft, "load", load)
+    config_path = tmp_path / "adapter/adapter_config.json"
+    config_path.parent.mkdir()
+    for base in ("HuggingFaceTB/SmolLM2-135M-Instruct", "someone/model", None):
+        config = json.loads((tiny_peft / "adapter_config.json").read_text())
+        config_path.write_text(json.dumps({**config, "base_model_name_or_path": base}))
+        status, err = _export_in_process(capsys, "--adapter", config_path.parent, "--out",
+                                         tmp_path / "out", "--format", "jft")
+        assert status == 2 and len(err) == 1
+        if base == "HuggingFaceTB/SmolLM2-135M-Instruct":
+            assert loaded == ["smollm2-135m-instruct"] and err == ["error: loaded"]
+        else:
+            assert err[0] == (f"error: {config_path}: base_model_name_or_path {base!r} is "
+                              "neither a local path nor a bundled model's id (HuggingFaceTB/"
+                              "SmolLM2-135M-Instruct, google/gemma-3-270m); give --model")
+    assert loaded == ["smollm2-135m-instruct"]
+
+
+def test_bad_paths_are_refused_before_the_model_loads(tiny_peft, tmp_path, capsys,
+                                                      monkeypatch):
+    monkeypatch.setattr(jft, "load", lambda *_, **__: pytest.fail("loaded the model"))
+    (tmp_path / "file").write_text("")
+    cases = {
+        ("--adapter", tiny_peft, "--out", "/proc/jft-test/out"):
+            "--out /proc/jft-test/out: cannot create it (No such file or directory at "
+            "/proc/jft-test)",
+        ("--adapter", tiny_peft, "--out", tmp_path / "file/out"):
+            f"--out {tmp_path}/file/out: cannot create it ({tmp_path}/file is a file, not a "
+            "directory)",
+        (tmp_path / "rnu", "--out", tmp_path / "out"):
+            f"{tmp_path}/rnu: run directory does not exist; give a python -m jft.train run "
+            "directory (or RUN/checkpoints/N), or --model and --adapter",
+        ("--model", "m", "--adapter", tmp_path / "nope", "--out", tmp_path / "out"):
+            f"--adapter {tmp_path}/nope: adapter does not exist; give a run directory, a PEFT "
+            "adapter directory or a jft adapter directory",
+    }
+    for args, message in cases.items():
+        assert _export_in_process(capsys, *args, "--format", "merged") == (
+            2, [f"error: {message}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("format, left", [  # bytes left free: the tensors' write fails
+    ("merged", 64 << 10), ("gguf", 2560 << 10), ("peft", 4 << 10), ("jft", 4 << 10)])
+def test_a_full_disk_is_one_line_and_leaves_nothing(
+        format, left, tiny_model, tiny_peft, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from jft import storage
+    from tests.small_disk import small_disk
+
+    with small_disk(tmp_path / "disk", "12m") as disk:
+        out = disk / "out"
+        out.mkdir()
+        (out / "kept.txt").write_text("an earlier export")
+        if format == "merged":  # the small files fit, the weights do not
+            left += sum(f.stat().st_size + 4096 for f in tiny_model.iterdir()
+                        if f.suffix != ".safetensors")
+        (disk / "filler").write_bytes(b"\0" * (storage.free_bytes(disk) - left))
+        before = _tree(disk)
+        args = ("--adapter", tiny_peft, "--out", out, "--format", format, "--overwrite")
+        status, err = _export_in_process(capsys, *args)
+        assert status == 2 and len(err) == 1, err
+        size = r"[\d.]+ (B|KiB|MiB)"
+        line = rf"error: no space left on {disk} writing {out} \(needed about {size}%s\); " \
+               "free some space or choose another directory"
+        assert re.fullmatch(line % f", free {size}", err[0]), err[0]
+        assert _tree(disk) == before
+        # The estimate passed (a filesystem that reports no free space): the write fails.
+        monkeypatch.setattr(storage, "free_bytes", lambda path: None)
+        status, err = _export_in_process(capsys, *args)
+        assert status == 2 and len(err) == 1, err
+        assert re.fullmatch(line % "", err[0]), err[0]
+        assert _tree(disk) == before

@@ -206,3 +206,19 @@ def test_methods_peft_cannot_express_are_refused(llama, tmp_path):
                                        r"no equivalent\); export it with --format merged.*lora"):
         save_peft_adapter(Adapter({}, "s2ft", None), loaded.config, tmp_path)
     assert not is_peft_adapter(tmp_path)
+
+
+def test_a_bfloat16_peft_adapter_loads(llama, lora_dir):
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    _, _, loaded = llama
+    _, (expected,) = load_adapter(lora_dir, loaded.params, loaded.config)
+    path = lora_dir / "adapter_model.safetensors"
+    # As PEFT saves an adapter trained in bfloat16: read through jft's own safetensors reader.
+    save_file({k: torch.from_numpy(v).bfloat16() for k, v in load_file(str(path)).items()},
+              str(path))
+    assert b'"dtype":"BF16"' in path.read_bytes()[:4096]
+    _, (back,) = load_adapter(lora_dir, loaded.params, loaded.config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-6),
+                 back.delta, expected.delta)

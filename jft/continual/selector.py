@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from jft.errors import JftError
 from jft.models import ModelConfig, forward
+from jft.storage import save_safetensors
 
 FORMAT = "jft-selector"
 FORMAT_VERSION = 1
@@ -129,10 +129,10 @@ class Selector:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes one `.safetensors` file: the four arrays, the task count in its metadata."""
-        save_file({name: np.ascontiguousarray(getattr(self, name), np.float32)
-                   for name in _TENSORS}, Path(path),
-                  metadata={"format": FORMAT, "version": str(FORMAT_VERSION),
-                            "num_tasks": str(self.num_tasks)})
+        save_safetensors({name: np.ascontiguousarray(getattr(self, name), np.float32)
+                          for name in _TENSORS}, Path(path),
+                         metadata={"format": FORMAT, "version": str(FORMAT_VERSION),
+                                   "num_tasks": str(self.num_tasks)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Selector:

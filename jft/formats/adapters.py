@@ -5,11 +5,13 @@ delta and rebasing the base happen here, once."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import jax
 
+from jft.errors import JftError
 from jft.models import ModelConfig
 
 
@@ -32,11 +34,32 @@ def read_adapter(path: str | os.PathLike, base: dict, model: ModelConfig, rules=
     from jft.training.checkpoints import read_run_adapter
 
     path = Path(path)
+    check_adapter_exists(path)
     if is_peft_adapter(path):
         return read_peft_adapter(path, base, model)
     if is_jft_adapter(path):
         return read_jft_adapter(path, model)
     return read_run_adapter(path, model, rules)
+
+
+def check_adapter_exists(path: str | os.PathLike, key: str = "") -> None:
+    """Refuses a mistyped adapter path before a format's reader guesses at it."""
+    if not Path(path).exists():
+        raise JftError(f"{key + ' ' if key else ''}{path}: adapter does not exist; give a run "
+                       "directory, a PEFT adapter directory or a jft adapter directory")
+
+
+def read_config_object(path: Path, kind: str) -> dict:
+    """An adapter's JSON config file, which must hold an object; `kind` names the format in
+    the one-line error ("PEFT adapter", "jft adapter")."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise JftError(f"{path}: unreadable {kind} config ({error})") from None
+    if not isinstance(config, dict):
+        raise JftError(f"{path}: not a {kind} config (a JSON {type(config).__name__}, where "
+                       "an object of options belongs)")
+    return config
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:

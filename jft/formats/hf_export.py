@@ -14,10 +14,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 from jft.models import FAMILIES, ModelConfig
 from jft.models.tensor_names import checkpoint_tensors
+from jft.storage import save_safetensors, writing
 
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -39,22 +39,35 @@ def hf_config(config: ModelConfig) -> dict:
     return families[config.family].to_hf(config)
 
 
+def merged_bytes(model, dtype: str = "bf16") -> int:
+    """About the size of `write_hf_dir`'s output: the weights in `dtype` (merging keeps
+    their shapes) and the tokenizer files it copies."""
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    weights = sum(int(np.prod(shape)) * itemsize for _, shape, _ in
+                  checkpoint_tensors(model.params, model.config, lambda source: source.hf))
+    copied = [model.source / name for name in _TOKENIZER_FILES] if model.source.is_dir() else []
+    return weights + sum(path.stat().st_size for path in copied if path.is_file())
+
+
 def write_hf_dir(model, directory: Path, dtype: str = "bf16",
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Writes the merged model to `directory` (which must not exist yet)."""
+    """Writes the merged model to `directory` (which must not exist yet); on failure,
+    removes it again."""
     params = merged_params(model)
-    directory.mkdir(parents=True)
-    source = model.source
-    if source.is_dir() and (source / "config.json").is_file():
-        fields = json.loads((source / "config.json").read_text())
-    else:
-        fields = hf_config(model.config)
-    # `dtype` for transformers 5, `torch_dtype` for 4.
-    fields["dtype"] = fields["torch_dtype"] = np.dtype(DTYPES[dtype]).name
-    (directory / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
-    _write_generation_config(model, directory)
-    _write_tokenizer(model, directory)
-    _write_shards(params, model.config, directory, DTYPES[dtype], max_shard_bytes)
+    directory = Path(directory)
+    with writing(directory, merged_bytes(model, dtype)):
+        directory.mkdir(parents=True)
+        source = model.source
+        if source.is_dir() and (source / "config.json").is_file():
+            fields = json.loads((source / "config.json").read_text())
+        else:
+            fields = hf_config(model.config)
+        # `dtype` for transformers 5, `torch_dtype` for 4.
+        fields["dtype"] = fields["torch_dtype"] = np.dtype(DTYPES[dtype]).name
+        (directory / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
+        _write_generation_config(model, directory)
+        _write_tokenizer(model, directory)
+        _write_shards(params, model.config, directory, DTYPES[dtype], max_shard_bytes)
 
 
 def _write_shards(params, config, directory: Path, dtype, max_shard_bytes: int) -> None:
@@ -77,7 +90,7 @@ def _write_shards(params, config, directory: Path, dtype, max_shard_bytes: int) 
             arrays[hf_name] = np.ascontiguousarray(read().astype(dtype))
             total += arrays[hf_name].nbytes
             weight_map[hf_name] = name
-        save_file(arrays, directory / name, metadata={"format": "pt"})
+        save_safetensors(arrays, directory / name, metadata={"format": "pt"})
         del arrays
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -87,7 +100,7 @@ def _write_shards(params, config, directory: Path, dtype, max_shard_bytes: int) 
 def _write_generation_config(model, directory: Path) -> None:
     source = model.source / "generation_config.json"
     if model.source.is_dir() and source.is_file():
-        shutil.copy(source, directory / "generation_config.json")
+        shutil.copyfile(source, directory / "generation_config.json")
         return
     fields = {"bos_token_id": model.config.bos_id, "eos_token_id": model.config.eos_id}
     if model.tokenizer is not None and model.tokenizer.pad_id is not None:
@@ -96,10 +109,12 @@ def _write_generation_config(model, directory: Path) -> None:
 
 
 def _write_tokenizer(model, directory: Path) -> None:
-    if model.source.is_dir():  # an HF directory: its own files, exactly
+    # An HF directory: its own files' bytes, exactly, with a new file's mode (copyfile, not
+    # copy: a source's 0600 must not carry over into an export meant to be shared).
+    if model.source.is_dir():
         for name in _TOKENIZER_FILES:
             if (model.source / name).is_file():
-                shutil.copy(model.source / name, directory / name)
+                shutil.copyfile(model.source / name, directory / name)
         return
     if model.tokenizer is not None:
         model.tokenizer.save_hf(directory)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from jft.errors import JftError
+from jft.formats.safetensors_io import SafetensorsFile
 from jft.models import ModelConfig
+from jft.storage import save_safetensors
 
 CONFIG_FILE = "jft_adapter.json"
 TENSORS_FILE = "adapter.safetensors"
@@ -51,13 +52,20 @@ def save_jft_adapter(adapter, model: ModelConfig, directory: Path,
         jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(adapter.delta)[0]
     }
-    save_file(tensors, Path(directory) / TENSORS_FILE)
+    save_safetensors(tensors, Path(directory) / TENSORS_FILE)
     config = {
         "format": "jft-adapter", "version": FORMAT_VERSION, "method": adapter.method,
         "options": config_to_options(adapter.config), "base_model": base_model,
         "model": architecture(model),
     }
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_jft_config(directory: Path) -> dict:
+    """The jft_adapter.json of a jft adapter directory, a JSON object."""
+    from jft.formats.adapters import read_config_object
+
+    return read_config_object(Path(directory) / CONFIG_FILE, "jft adapter")
 
 
 def read_jft_adapter(directory: Path, model: ModelConfig):
@@ -67,17 +75,26 @@ def read_jft_adapter(directory: Path, model: ModelConfig):
 
     directory = Path(directory)
     path = directory / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-        method, options, saved = config["method"], config["options"], config["model"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise JftError(f"{path}: not a jft adapter config ({error})") from None
+    config = read_jft_config(directory)
+    missing = [key for key in ("method", "options", "model") if key not in config]
+    if missing:
+        raise JftError(f"{path}: not a jft adapter config (no {missing[0]!r} field)")
+    method, options, saved = config["method"], config["options"], config["model"]
     if config.get("version") != FORMAT_VERSION:
         raise JftError(f"{path}: version {config.get('version')!r}; this jft reads version "
                        f"{FORMAT_VERSION}")
+    if not isinstance(saved, dict):
+        raise JftError(f"{path}: field 'model' is {saved!r}, not an object of architecture "
+                       "fields")
     check_architecture(saved, model, path)
+    tensors_path = directory / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise JftError(f"{directory}: no {TENSORS_FILE} beside its {CONFIG_FILE}")
+    # jft's own reader: one line naming the file for a corrupt header or truncated data.
+    file = SafetensorsFile(tensors_path)
     delta: dict = {}
-    for key, value in load_file(directory / TENSORS_FILE).items():
+    for key in file.names():
+        value = file.read(key)
         node = delta
         *parents, leaf = key.split("/")
         for part in parents:

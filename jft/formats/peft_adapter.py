@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
+from jft.formats.safetensors_io import SafetensorsFile
 from jft.models import ModelConfig
 from jft.models.sites import HF_LAYER, linear_site, linear_sites
 from jft.peft import Adapter, Targets, prefix_tuning, prompt_tuning
 from jft.peft import ia3 as ia3_method
 from jft.peft import lora as lora_method
+from jft.storage import save_safetensors
 
 PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
 CONFIG_FILE = "adapter_config.json"
@@ -88,13 +90,11 @@ def save_peft_adapter(adapter: Adapter, model: ModelConfig, directory,
     config = {"peft_type": next(k for k, v in _PEFT_TYPES.items() if v == adapter.method),
               "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
               "revision": None, "inference_mode": True, **config}
-    from safetensors.numpy import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-              str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+                     directory / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
 def _to_numpy(tree):
@@ -204,11 +204,9 @@ def read_peft_adapter(directory, base, model: ModelConfig):
     first key at fault. `jft.formats.adapters.load_adapter` places and applies it."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    try:
-        options = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise JftError(f"{config_path}: unreadable PEFT adapter config ({error})") from None
-    method = _PEFT_TYPES.get(options.get("peft_type"))
+    options = read_peft_config(directory)
+    peft_type = options.get("peft_type")
+    method = _PEFT_TYPES.get(peft_type) if isinstance(peft_type, str) else None
     if method is None:
         raise JftError(f"{config_path}: peft_type {options.get('peft_type')!r} is not supported; "
                        f"valid: {', '.join(_PEFT_TYPES)}")
@@ -217,14 +215,21 @@ def read_peft_adapter(directory, base, model: ModelConfig):
         found = "adapter_model.bin (convert it to safetensors)" if (
             directory / "adapter_model.bin").is_file() else "nothing"
         raise JftError(f"{directory}: no {WEIGHTS_FILE}; found {found}")
-    from safetensors import safe_open
-
-    with safe_open(str(weights_path), "np") as file:
-        tensors = {k: file.get_tensor(k).astype(np.float32) for k in sorted(file.keys())}
+    # jft's own reader: it names the file when the header is corrupt or the data truncated,
+    # and reads bfloat16, which the safetensors package's numpy backend cannot.
+    file = SafetensorsFile(weights_path)
+    tensors = {k: file.read(k, np.float32) for k in sorted(file.names())}
     reader = {"lora": _lora_from_peft, "ia3": _ia3_from_peft, "prompt_tuning": _prompt_from_peft,
               "prefix_tuning": _prefix_from_peft}[method]
     delta, config = reader(options, tensors, base, model, weights_path)
     return method, config, delta
+
+
+def read_peft_config(directory) -> dict:
+    """The options of a PEFT adapter directory's adapter_config.json, a JSON object."""
+    from jft.formats.adapters import read_config_object
+
+    return read_config_object(Path(directory) / CONFIG_FILE, "PEFT adapter")
 
 
 def _check_options(options, method, config_path):

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from jft.errors import JftError
+from jft.storage import save_safetensors
 
 DEFAULT_DENSITY = 0.2
 DEFAULT_SCALE_MULTIPLIER = 1.0
@@ -130,8 +131,6 @@ def save_compressed(path: str | os.PathLike, tensors: Mapping[str, Any],
                     scope: str = "tensor") -> dict[str, CompressedTensor]:
     """Compresses `tensors` (name -> array; CompressedTensor values are stored as they
     are) and writes them to a safetensors file at `path`. Returns the compressed tensors."""
-    from safetensors.numpy import save_file
-
     raw = {k: v for k, v in tensors.items() if not isinstance(v, CompressedTensor)}
     compressed = {k: v for k, v in tensors.items() if isinstance(v, CompressedTensor)}
     compressed |= compress_tensors(raw, density, scale_multiplier, scope)
@@ -143,7 +142,7 @@ def save_compressed(path: str | os.PathLike, tensors: Mapping[str, Any],
         arrays[f"{name}.scale"] = np.asarray([c.scale], np.float32)
         headers[name] = _header(c)
     metadata = {"format": FORMAT, "version": "1", "tensors": json.dumps(headers)}
-    save_file(arrays, os.fspath(path), metadata=metadata)
+    save_safetensors(arrays, path, metadata=metadata)
     return {name: compressed[name] for name in tensors}
 
 

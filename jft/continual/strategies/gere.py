@@ -35,6 +35,7 @@ from jft.continual.strategies.base import Replay, Strategy, register
 from jft.continual.strategies.replay import check_batch
 from jft.models import forward
 from jft.objectives.sft import SFT, hidden_token_losses
+from jft.storage import save_safetensors
 from jft.training.config import _field
 
 THRESHOLDS_FILE = "gere_thresholds.safetensors"
@@ -141,7 +142,7 @@ def _replayed(run, options):
 def thresholds(run, options) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) [D]: μ ∓ threshold·σ of the initial model's final hidden states over
     every token of the replayed texts, computed once and kept in the run directory."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     from jft.training.data import batcher
 
@@ -164,7 +165,7 @@ def thresholds(run, options) -> tuple[np.ndarray, np.ndarray]:
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
     low = (mean - options.threshold * std).astype(np.float32)
     high = (mean + options.threshold * std).astype(np.float32)
-    save_file({"low": low, "high": high}, str(path))
+    save_safetensors({"low": low, "high": high}, path)
     return low, high
 
 
