@@ -7,6 +7,7 @@ import copy
 import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -29,6 +30,7 @@ from jft.training.data import (
     load_examples,
     make_batcher,
     prompt_ids,
+    read_split,
     tokenize_example,
     tokenize_examples,
 )
@@ -148,6 +150,34 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(tokenizer):
         )
 
 
+def test_chat_roles_the_template_does_not_know_are_refused_naming_the_record(tokenizer, tmp_path):
+    wizard = {
+        "messages": [
+            {"role": "wizard", "content": "Abracadabra."},
+            {"role": "assistant", "content": "Poof."},
+        ]
+    }
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CHATS[1]) + "\n" + json.dumps(wizard) + "\n")
+    config = DataConfig(train=str(path), format="chat")
+    pattern = (
+        rf'^{re.escape(str(path))}: record 1: "messages"\[0\] has role "wizard", which the chat '
+        r"template \(GGUF metadata tokenizer\.chat_template\) does not know; valid roles: "
+        r"assistant, system, tool, user$"
+    )
+    with pytest.raises(JftError, match=pattern):
+        read_split(config, tokenizer, cache_dir=str(tmp_path / "c"))
+    # A template that names a role of its own (as Llama 3 names "ipython") accepts it.
+    wizardly = copy.copy(tokenizer)
+    wizardly.chat_template = (
+        "{% for m in messages %}{% if m.role == 'wizard' %}*{% endif %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    example = tokenize_example(wizard, wizardly, config)
+    assert _target_spans(wizardly, example.tokens, example.loss_mask) == ["Poof." + IM_END]
+
+
 def test_completion_reference_gives_the_prompt_ids_training_saw(tokenizer):
     config = DataConfig(train="unused", format="prompt_completion")
     record = PROMPT_COMPLETION[0]
@@ -233,6 +263,25 @@ def test_every_file_kind_tokenizes_chats_the_same(tmp_path, tokenizer):
             load_examples(path, "chat", streaming=True), tokenizer, config, source=str(path)
         )
         assert list(stream) == expected, path
+
+
+def test_reading_shows_no_progress_bars_and_leaves_their_setting_alone(tmp_path, capfd):
+    # On a terminal the bars would sit between the status lines and a data error.
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in PROMPT_COMPLETION))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,answer\na,b\n")
+    were_disabled = datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars()
+    try:
+        assert len(load_examples(good, "prompt_completion", cache_dir=str(tmp_path / "c"))) == 4
+        with pytest.raises(JftError, match=r'bad\.csv: record 0: missing field "completion"'):
+            load_examples(bad, "prompt_completion", cache_dir=str(tmp_path / "c"))
+        assert not datasets.are_progress_bars_disabled()
+    finally:
+        if were_disabled:
+            datasets.disable_progress_bars()
+    assert "Generating train split" not in capfd.readouterr().err
 
 
 def test_malformed_jsonl_names_the_first_bad_line(tmp_path):
@@ -553,6 +602,55 @@ def test_make_batcher_batches_a_chat_file_end_to_end(tmp_path, tokenizer):
         make_batcher(config, tokenizer, 4, split="eval", cache_dir=str(tmp_path / "c"))
     )
     assert sum(len(row) for b in eval_batches for row in _segments_of_any(b)) == 6
+
+
+def test_examples_truncated_to_no_completion_token_warn_once_and_all_of_them_are_refused(
+    tokenizer, tmp_path
+):
+    short = {"prompt": "Hi", "completion": " there"}
+    long = {"prompt": "word " * 40, "completion": " yes"}  # its prompt fills max_length
+    some = tmp_path / "some.jsonl"
+    some.write_text("".join(json.dumps(r) + "\n" for r in (short, long, long)))
+    every = tmp_path / "every.jsonl"
+    every.write_text(json.dumps(long) + "\n")
+    cache = str(tmp_path / "c")
+    for streaming in (False, True):
+        config = DataConfig(train=str(some), max_length=16, streaming=streaming)
+        with pytest.warns(UserWarning) as warned:
+            _, tokenized = read_split(config, tokenizer, cache_dir=cache)
+            for _ in range(2):  # a stream is checked as its first pass ends, and only then
+                assert len(list(tokenized)) == 3
+        assert [str(w.message) for w in warned] == [
+            f"{some}: 2 of 3 examples keep no completion token within data.max_length=16 (their "
+            "prompts fill it) and train on nothing; raise data.max_length or shorten their prompts"
+        ]
+        config = dataclasses.replace(config, train=str(every))
+        with pytest.raises(JftError) as raised:
+            list(read_split(config, tokenizer, cache_dir=cache)[1])
+        assert str(raised.value) == (
+            f"{every}: no example keeps a completion token within data.max_length=16 (the "
+            "prompts fill it), so there is nothing to train on; raise data.max_length or shorten "
+            "the prompts"
+        )
+
+
+def test_overlong_drop_that_drops_everything_names_the_file_and_data_max_length(
+    tokenizer, tmp_path
+):
+    records = [{"prompt": "word " * 10, "completion": " yes"}, PROMPT_COMPLETION[0]]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = DataConfig(train=str(path), max_length=4, overlong="drop")
+    shortest = min(len(tokenize_example(r, tokenizer, config).tokens) for r in records)
+    for streaming in (False, True):
+        config = dataclasses.replace(config, streaming=streaming)
+        with pytest.raises(JftError) as raised:
+            make_batcher(config, tokenizer, 2, cache_dir=str(tmp_path / "c"))
+        assert str(raised.value) == (
+            f"{path}: no example fits data.max_length=4 (the shortest has {shortest} tokens) and "
+            "data.overlong=drop drops them all; raise data.max_length or set data.overlong to "
+            "truncate"
+        )
 
 
 def _segments_of_any(batch: dict) -> list[list[int]]:

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
 import gguf
@@ -380,6 +381,37 @@ def test_dir_chat_template_json_is_read_when_config_has_none(smollm2_dir, tmp_pa
     template = (smollm2_dir / "chat_template.jinja").read_text(encoding="utf-8")
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     assert load_tokenizer_from_dir(tmp_path).chat_template == template
+
+
+def test_chat_template_errors_name_the_file_the_template_came_from(smollm2_dir, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
+    sources = [  # lowest precedence first, as each file added takes over
+        (tmp_path / "chat_template.json", json.dumps({"chat_template": "{{ 'x' * 10**10 }}"})),
+        (tmp_path / "tokenizer_config.json", json.dumps({"chat_template": "{{ 2 ** (10 ** 6) }}"})),
+        (tmp_path / "chat_template.jinja", "{{ raise_exception('not today') }}"),
+    ]
+    for path, content in sources:
+        path.write_text(content, encoding="utf-8")
+        tokenizer = load_tokenizer_from_dir(tmp_path)
+        assert tokenizer.chat_template_source == str(path)
+        with pytest.raises(JftError, match=f"^{re.escape(str(path))}: chat template "):
+            tokenizer.apply_chat_template(CONVERSATION)
+    tokenizer.chat_template = "{{ raise_exception('set in code') }}"  # no file to name
+    assert tokenizer.chat_template_source is None
+    with pytest.raises(JftError, match="^chat template failed to render: set in code$"):
+        tokenizer.apply_chat_template(CONVERSATION)
+
+
+def test_gguf_chat_template_errors_name_the_file_and_key():
+    metadata = dict(GGUFFile(smollm2_gguf_path()).metadata)
+    metadata["tokenizer.chat_template"] = "{{ 'x'.ljust(10**10) }}"
+    tokenizer = load_tokenizer_from_gguf(metadata, "/models/smollm2.gguf")
+    pattern = r"^/models/smollm2\.gguf tokenizer\.chat_template: chat template exceeds"
+    with pytest.raises(JftError, match=pattern):
+        tokenizer.apply_chat_template(CONVERSATION)
+    assert load_tokenizer_from_gguf(metadata).chat_template_source == (
+        "GGUF metadata tokenizer.chat_template"
+    )
 
 
 def test_dir_with_sentencepiece_model_encodes_like_transformers_sentencepiece_tokenizer(

@@ -55,6 +55,7 @@ class Tokenizer:
         backend: _Backend,
         special_tokens: Mapping[str, str | None],
         chat_template: str | None,
+        chat_template_source: str | None = None,
     ):
         self._backend = backend
         self._special_tokens = {name: token for name, token in special_tokens.items() if token}
@@ -67,7 +68,19 @@ class Tokenizer:
         # post-processor in tokenizer.json that adds one unconditionally (Llama 3).
         self.add_bos = self.bos_id is not None and backend.encode("", True)[:1] == [self.bos_id]
         self.chat_template = chat_template
+        self.chat_template_source = chat_template_source
         self.vocab_size = backend.vocab_size
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template; `chat_template_source` names where it came from (a file, a
+        GGUF key), for errors. Setting a template forgets the old one's source."""
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        self._chat_template = template
+        self.chat_template_source = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids."""
@@ -91,6 +104,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=tokens.pop("bos_token", None),
             eos_token=tokens.pop("eos_token", None),
+            source=self.chat_template_source,
             **tokens,
         )
 
@@ -220,7 +234,7 @@ def load_tokenizer_from_dir(path: str | Path) -> Tokenizer:
         for key in _EXTRA_SPECIAL_TOKENS
         for token in _token_list(settings.get(key), f"{config_path} {key}")
     ]
-    template = _dir_chat_template(directory, config)
+    template, template_source = _dir_chat_template(directory, config)
 
     if (directory / "tokenizer.json").is_file():
         backend = _tokenizer_json_backend(
@@ -238,7 +252,7 @@ def load_tokenizer_from_dir(path: str | Path) -> Tokenizer:
         raise JftError(
             f"{directory}: no tokenizer.json or tokenizer.model; a checkpoint folder needs one"
         )
-    return Tokenizer(backend, special_tokens, template)
+    return Tokenizer(backend, special_tokens, template, template_source)
 
 
 def _tokenizer_json_backend(path: Path, special_tokens: list[str | None]) -> _TokenizersBackend:
@@ -302,16 +316,19 @@ def _piece_id(processor: sentencepiece.SentencePieceProcessor, token: str) -> in
     return token_id if processor.id_to_piece(token_id) == token else None
 
 
-def _dir_chat_template(directory: Path, config: dict) -> str | None:
-    """chat_template.jinja, else tokenizer_config.json's, else chat_template.json's."""
+def _dir_chat_template(directory: Path, config: dict) -> tuple[str | None, str | None]:
+    """chat_template.jinja, else tokenizer_config.json's, else chat_template.json's: the
+    template and the file it came from."""
     jinja_path = directory / "chat_template.jinja"
     if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8")
-    template = _template_value(config.get("chat_template"), directory / "tokenizer_config.json")
-    if template is None:
-        json_path = directory / "chat_template.json"
-        template = _template_value(_read_json_object(json_path).get("chat_template"), json_path)
-    return template
+        return jinja_path.read_text(encoding="utf-8"), str(jinja_path)
+    config_path = directory / "tokenizer_config.json"
+    template = _template_value(config.get("chat_template"), config_path)
+    if template is not None:
+        return template, str(config_path)
+    json_path = directory / "chat_template.json"
+    template = _template_value(_read_json_object(json_path).get("chat_template"), json_path)
+    return template, None if template is None else str(json_path)
 
 
 def _template_value(value: Any, path: Path) -> str | None:
@@ -416,8 +433,11 @@ PRE_TOKENIZER_SPLITS = {
 _GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
-def load_tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
-    """The tokenizer embedded in a GGUF file's metadata (`GGUFFile.metadata`)."""
+def load_tokenizer_from_gguf(
+    metadata: Mapping[str, Any], path: str | Path | None = None
+) -> Tokenizer:
+    """The tokenizer embedded in a GGUF file's metadata (`GGUFFile.metadata`); `path`, the
+    file's, names its chat template in errors."""
     model = _gguf_value(metadata, "tokenizer.ggml.model", str)
     tokens = _gguf_value(metadata, "tokenizer.ggml.tokens", list)
     if model is None or tokens is None:
@@ -456,7 +476,8 @@ def load_tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         special_tokens["eos_token"] if add_eos else None,
     )
     template = _gguf_value(metadata, "tokenizer.chat_template", str)
-    return Tokenizer(_TokenizersBackend(tokenizer), special_tokens, template)
+    source = f"{path or 'GGUF metadata'} tokenizer.chat_template" if template else None
+    return Tokenizer(_TokenizersBackend(tokenizer), special_tokens, template, source)
 
 
 def _gguf_byte_level_bpe(metadata: Mapping[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:

@@ -30,7 +30,8 @@ Formats (the fields each record needs):
   its own, so the mask is exact for any template that renders prefixes as prefixes. A turn's
   targets run through its last EOS / end-of-turn token (ChatML's <|im_end|>, Gemma's
   <end_of_turn>); the template's text after it (a newline) is not a target. A template that ends a
-  turn with no such token gets EOS appended to the turn.
+  turn with no such token gets EOS appended to the turn. Every role must be one the template knows
+  (`jft.text.chat_template.template_roles`).
 
 With `completion_only_loss=False` every token but an example's first is a target, in all formats.
 
@@ -38,17 +39,21 @@ Batching: examples are shuffled by (seed, epoch) and taken in windows of `window
 packing, each window is packed by first-fit decreasing into rows of max_length (no example is ever
 split across rows) and the rows are shuffled. Without packing, each row holds one example, and the
 window's examples are sorted by length and cut into batches of similar lengths, whose order is
-then shuffled. Overlong examples are truncated to their first max_length tokens or dropped.
+then shuffled. Overlong examples are truncated to their first max_length tokens or dropped. A
+file whose examples would all be dropped, or all truncated to no target token, is refused; some
+truncated to none, a warning (for a stream, as its first pass ends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -157,7 +162,11 @@ def load_examples(
     file, the 1-based line (JSON lines), the 0-based record index and the field.
     """
     _check_choice("format", format, FORMATS)
-    path = Path(path)
+    with _no_progress_bars():
+        return _load_examples(Path(path), format, streaming, cache_dir)
+
+
+def _load_examples(path: Path, format: str, streaming: bool, cache_dir: str | None) -> Any:
     if path.is_dir():
         return _load_saved(path, format, streaming)
     if not path.is_file():
@@ -373,6 +382,24 @@ def _first(examples: Iterable) -> Any:
     return next(iter(examples), None)
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets' progress bars ("Generating train split") off while it reads, then as before:
+    on screen they would come between the status lines and any error found in the data."""
+    import datasets
+
+    # HF_DATASETS_DISABLE_PROGRESS_BARS=0 asks for bars; datasets then refuses, with a warning.
+    asked_for = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False
+    if asked_for or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def _datasets_call(path: Path, call: Callable[[], Any]) -> Any:
     try:
         return call()
@@ -477,6 +504,7 @@ def tokenize_example(
         mask = [not config.completion_only_loss] * len(prompt) + [True] * len(completion)
     else:
         messages = _parse_messages(example["messages"])
+        _check_roles(messages, tokenizer, where)
         tokens, mask = _chat_tokens(messages, tokenizer, where)
         if not config.completion_only_loss:
             mask = [True] * len(tokens)
@@ -491,6 +519,24 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """
     bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
     return bos + tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def _check_roles(messages: list[dict], tokenizer: Tokenizer, where: str) -> None:
+    """Refuses a role the chat template does not know, which it would render as plain text or
+    drop: most likely a typo in the data (see `template_roles`)."""
+    if tokenizer.chat_template is None:
+        return  # rendering says that the checkpoint has no template
+    from jft.text.chat_template import template_roles
+
+    roles = template_roles(tokenizer.chat_template)
+    for index, message in enumerate(messages):
+        if message["role"] not in roles:
+            source = tokenizer.chat_template_source
+            template = f"the chat template ({source})" if source else "the chat template"
+            raise JftError(
+                f'{where}: "messages"[{index}] has role "{message["role"]}", which {template} '
+                f"does not know; valid roles: {', '.join(sorted(roles))}"
+            )
 
 
 def _chat_tokens(
@@ -589,13 +635,25 @@ class TokenizedStream:
         self.tokenizer = tokenizer
         self.config = config
         self.source = source
+        self._fit_checked = False
 
     def iter_from(self, start: int) -> Iterator[TokenizedExample]:
-        """The tokenized records from record `start` on; skipped records are not tokenized."""
+        """The tokenized records from record `start` on; skipped records are not tokenized.
+
+        The first whole pass also checks how the records fit `data.max_length` (`_Fit`), as it
+        ends: a stream is not read twice.
+        """
+        fit = _Fit() if start == 0 and not self._fit_checked else None
         for index, example in enumerate(_skip(self.examples, start), start):
-            yield tokenize_example(
+            tokenized = tokenize_example(
                 example, self.tokenizer, self.config, where=f"{self.source}: record {index}"
             )
+            if fit is not None:
+                fit.add(tokenized, self.config.max_length)
+            yield tokenized
+        if fit is not None:
+            self._fit_checked = True
+            fit.check(self.config, self.source)
 
     def __iter__(self) -> Iterator[TokenizedExample]:
         return self.iter_from(0)
@@ -610,10 +668,67 @@ def tokenize_examples(
         return TokenizedStream(examples, tokenizer, config, source)
     if datasets is not None and isinstance(examples, datasets.Dataset):
         examples = examples.select_columns(list(FIELDS[config.format]))
-    return TokenizedExamples.from_examples(
+    tokenized = TokenizedExamples.from_examples(
         tokenize_example(example, tokenizer, config, where=f"{source}: record {index}")
         for index, example in enumerate(examples)
     )
+    _Fit.of(tokenized, config.max_length).check(config, source)
+    return tokenized
+
+
+@dataclass
+class _Fit:
+    """How one file's examples fare at `data.max_length`: a file whose examples are all dropped,
+    or all cut to no completion token (long prompts), would train on nothing, with a loss of 0."""
+
+    examples: int = 0
+    fitting: int = 0  # no longer than max_length
+    emptied: int = 0  # longer, and no target token among their first max_length
+    shortest: int | None = None
+
+    @classmethod
+    def of(cls, tokenized: TokenizedExamples, max_length: int) -> _Fit:
+        lengths, starts = tokenized.lengths, tokenized.offsets[:-1]
+        targets = np.concatenate([[0], np.cumsum(tokenized.loss_mask, dtype=np.int64)])
+        kept = targets[starts + np.minimum(lengths, max_length)] - targets[starts]
+        return cls(
+            examples=len(lengths),
+            fitting=int((lengths <= max_length).sum()),
+            emptied=int(((lengths > max_length) & (kept == 0)).sum()),
+            shortest=int(lengths.min()) if len(lengths) else None,
+        )
+
+    def add(self, example: TokenizedExample, max_length: int) -> None:
+        length = len(example.tokens)
+        self.examples += 1
+        self.fitting += length <= max_length
+        self.emptied += length > max_length and not any(example.loss_mask[:max_length])
+        self.shortest = length if self.shortest is None else min(self.shortest, length)
+
+    def check(self, config: DataConfig, source: str) -> None:
+        if self.examples == 0:
+            return  # the Batcher reports that there is nothing to batch
+        limit = f"data.max_length={config.max_length}"
+        if config.overlong == "drop":
+            if self.fitting == 0:
+                raise JftError(
+                    f"{source}: no example fits {limit} (the shortest has {self.shortest} "
+                    "tokens) and data.overlong=drop drops them all; raise data.max_length or "
+                    "set data.overlong to truncate"
+                )
+        elif self.emptied == self.examples:
+            raise JftError(
+                f"{source}: no example keeps a completion token within {limit} (the prompts "
+                "fill it), so there is nothing to train on; raise data.max_length or shorten "
+                "the prompts"
+            )
+        elif self.emptied:
+            warnings.warn(
+                f"{source}: {self.emptied} of {self.examples} examples keep no completion token "
+                f"within {limit} (their prompts fill it) and train on nothing; raise "
+                "data.max_length or shorten their prompts",
+                stacklevel=2,
+            )
 
 
 def _skip(examples: Any, start: int) -> Iterable:
