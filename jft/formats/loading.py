@@ -220,7 +220,7 @@ def _load_gguf(path: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
     reader = _Reader(name_of=lambda source: source.gguf, shape=shape, read=read,
                      describe=lambda name: f"{path}: tensor {name!r}")
     params = _build_params(config, dtype, reader, sharding)
-    tokenizer = _with_chat_template(load_tokenizer_from_gguf(fields), config)
+    tokenizer = _with_chat_template(load_tokenizer_from_gguf(fields, path), config)
     return Checkpoint(config, params, tokenizer, path)
 
 
@@ -228,6 +228,7 @@ def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tok
     """Falls back to the family's own chat format when the checkpoint has no template."""
     if tokenizer is not None and not tokenizer.chat_template:
         tokenizer.chat_template = default_chat_templates.BY_FAMILY.get(config.family)
+        tokenizer.chat_template_source = f"jft's default {config.family} chat template"
     return tokenizer
 
 

@@ -179,7 +179,8 @@ def read_run_adapter(run_dir: str | os.PathLike, model, rules=None):
         run_dir, step = run_dir.parents[1], int(run_dir.name)
     directory = run_dir / "checkpoints"
     if not directory.is_dir():
-        raise JftError(f"{run_dir}: no checkpoints/ folder; give a jft run directory")
+        raise JftError(f"{run_dir}: not an adapter: no checkpoints/ folder (a jft run), "
+                       "adapter_config.json (PEFT) or jft_adapter.json (jft)")
     manager = ocp.CheckpointManager(directory, item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "adapter": ocp.StandardCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
