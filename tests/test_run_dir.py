@@ -197,6 +197,14 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(capsys, tiny_model, tmp_path
     assert f"{run / 'checkpoints' / '4'}: checkpoint data is damaged" in line
     assert "delete it to resume from checkpoint 2" in line
     assert _snapshot(run) == before
+    # Damaged metadata, read as an adapter: TensorStore's leftover callbacks print nothing.
+    (run / "checkpoints" / "4" / "state" / "manifest.ocdbt").write_bytes(b"\0" * 20)
+    out = subprocess.run([sys.executable, "-m", "jft.generate", "--model", str(tiny_model),
+                          "--adapter", str(run), "--prompt", "hi"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"error: {run / 'checkpoints' / '4'}: checkpoint data is "
+                                 "damaged") and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_two_runs_in_one_directory_give_one_run_and_one_refusal(tiny_model, tmp_path):

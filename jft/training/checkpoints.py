@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ def _is_data_error(error: BaseException) -> bool:
 
 
 def _damaged(checkpoint: Path, error: BaseException) -> JftError:
+    _quiet_closed_event_loops()
     cause = error.__cause__ or error
     earlier = sorted(int(p.name) for p in checkpoint.parent.iterdir()
                      if p.name.isdigit() and int(p.name) < int(checkpoint.name))
@@ -154,6 +156,21 @@ def _damaged(checkpoint: Path, error: BaseException) -> JftError:
             "delete it (no earlier checkpoint is left) or choose another output_dir")
     return JftError(f"{checkpoint}: checkpoint data is damaged and cannot be read "
                     f"({_first_line(cause)}); {hint}")
+
+
+def _quiet_closed_event_loops() -> None:
+    """After a failed read, TensorStore's pending callbacks still post to the event loop
+    Orbax has closed, and Python prints each "Event loop is closed" error with its traceback
+    (dozens, interleaved with the one-line error): noise about an error already reported."""
+    if sys.unraisablehook is not _drop_closed_loop_errors:
+        _drop_closed_loop_errors.previous = sys.unraisablehook
+        sys.unraisablehook = _drop_closed_loop_errors
+
+
+def _drop_closed_loop_errors(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        _drop_closed_loop_errors.previous(unraisable)
 
 
 def _first_line(error: BaseException) -> str:
@@ -198,7 +215,8 @@ def read_run_adapter(run_dir: str | os.PathLike, model, rules=None):
     config = make_config(meta["method"], meta["options"])
     impl = get_method(meta["method"])
     # Shapes only: the mesh the run trained on need not exist here.
-    stored = manager.item_metadata(step)
+    with _unreadable_checkpoint(directory / str(step)):
+        stored = manager.item_metadata(step)
     separate = "adapter" in stored.keys()  # runs saved before the state held the only copy
     if separate:
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
