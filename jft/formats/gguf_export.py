@@ -64,7 +64,6 @@ def write_gguf_file(config: ModelConfig, params: dict, tokenizer: Tokenizer | No
     _check_expressible(config.replace(rope=rope), metadata, freq_factors)
     path = Path(path)
     tensors = _tensor_layout(config, params, qtype)
-    needed = _file_bytes(tensors, tokenizer)
 
     writer = gguf.GGUFWriter(str(path), config.family)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -76,8 +75,9 @@ def write_gguf_file(config: ModelConfig, params: dict, tokenizer: Tokenizer | No
     for name, byte_shape, qtype_of, _ in tensors:
         writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8),
                                math.prod(byte_shape), raw_dtype=qtype_of)
-    # The file is opened here: a failure leaves a partial one to remove.
-    with writing(path, needed):
+    # The file is opened here: a failure leaves a partial one to remove. (Free space is the
+    # caller's to check, with `gguf_bytes`: python -m jft.export does.)
+    with writing(path):
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -103,13 +103,9 @@ class _Written(np.ndarray):
 
 def gguf_bytes(config: ModelConfig, params: dict, tokenizer: Tokenizer | None,
                quant: str = "f16") -> int:
-    """About the size of `write_gguf_file`'s file."""
-    return _file_bytes(_tensor_layout(config, params, QUANTS[quant]), tokenizer)
-
-
-def _file_bytes(layout, tokenizer: Tokenizer | None) -> int:
-    """The tensor data, plus the tokenizer's JSON length for the vocabulary and merges the
-    file carries as metadata."""
+    """About the size of `write_gguf_file`'s file: the tensor data, plus the tokenizer's JSON
+    length for the vocabulary and merges the file carries as metadata."""
+    layout = _tensor_layout(config, params, QUANTS[quant])
     backend = tokenizer.hf_tokenizer if tokenizer is not None else None
     vocabulary = len(backend.to_str()) if isinstance(backend, tokenizers.Tokenizer) else 0
     return sum(math.prod(byte_shape) for _, byte_shape, _, _ in layout) + vocabulary

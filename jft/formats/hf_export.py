@@ -52,10 +52,11 @@ def merged_bytes(model, dtype: str = "bf16") -> int:
 def write_hf_dir(model, directory: Path, dtype: str = "bf16",
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Writes the merged model to `directory` (which must not exist yet); on failure,
-    removes it again."""
+    removes it again. Free space is the caller's to check, with `merged_bytes` (python -m
+    jft.export does)."""
     params = merged_params(model)
     directory = Path(directory)
-    with writing(directory, merged_bytes(model, dtype)):
+    with writing(directory):
         directory.mkdir(parents=True)
         source = model.source
         if source.is_dir() and (source / "config.json").is_file():

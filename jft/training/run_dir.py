@@ -49,12 +49,12 @@ class RunDirectory:
         self.created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.path) if lock else None
+        self.committed = False
         try:
             self.resuming, self.move_aside = self._decide(overwrite)
         except BaseException:
             self.release()
             raise
-        self.committed = False
 
     def _decide(self, overwrite: bool) -> tuple[bool, bool]:
         """(resume this same run, move the present contents aside first)."""
@@ -97,7 +97,7 @@ class RunDirectory:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if self.created and not getattr(self, "committed", False):
+        if self.created and not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
