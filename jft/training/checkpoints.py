@@ -130,6 +130,7 @@ class _DiskFullLogs(logging.Filter):
 def _unreadable_checkpoint(checkpoint: Path) -> Iterator[None]:
     """A checkpoint Orbax cannot read as one line: another model's or method's (its
     structure differs), or damaged data (TensorStore's errors, e.g. DATA_LOSS)."""
+    _quiet_closed_event_loops()  # before the read: its callbacks can fire while it fails
     try:
         yield
     except (ValueError, KeyError, FileNotFoundError) as error:
@@ -148,7 +149,6 @@ def _is_data_error(error: BaseException) -> bool:
 
 
 def _damaged(checkpoint: Path, error: BaseException) -> JftError:
-    _quiet_closed_event_loops()
     cause = error.__cause__ or error
     earlier = sorted(int(p.name) for p in checkpoint.parent.iterdir()
                      if p.name.isdigit() and int(p.name) < int(checkpoint.name))
