@@ -3,7 +3,7 @@
     python benchmarks/kernels.py --json results.json            # on a GPU or TPU
     python benchmarks/kernels.py --quick --json smoke.json      # tiny shapes, any machine
 
-Three parts, each timed as the median of `--iters` calls after `--warmup`, every call
+Four parts, each timed as the median of `--iters` calls after `--warmup`, every call
 jitted and waited for:
 
 1. `lora_linear`, y = x W + s (x A) B, for each linear of one Llama-3-8B layer (q, k, v,
@@ -19,6 +19,11 @@ jitted and waited for:
    base matmul plus the kernel's (or the reference's) per-row deltas, against one
    merged model's plain matmuls. Throughput = rows (tokens) per second; the target is
    >= 0.8x the merged model's at 64 adapters.
+4. `quant_matmul`: QLoRA's frozen base linear, x @ W^T with W block-quantized (nf4 with
+   double quantization, QLoRA's default; int8; GGUF's q8_0 and q4_0), for q_proj (4096 x
+   4096), up_proj (4096 x 14336) and down_proj (14336 x 4096) at `--quant-tokens` tokens:
+   forward, and forward + backward (dx only; W is frozen), the fused dequantizing kernel
+   vs the reference (dequantize W in XLA, then a GEMM).
 
 Pallas on CPU runs in interpret mode, so CPU timings say nothing about the kernels'
 speed: `--quick` only checks that the script and every kernel run. The summary ends with
@@ -37,8 +42,10 @@ from datetime import date
 from functools import partial
 from pathlib import Path
 
+import gguf
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jft.pallas_kernels.compat import platform
 from jft.pallas_kernels.lora_linear import lora_linear, lora_linear_reference
@@ -48,12 +55,15 @@ from jft.pallas_kernels.multi_lora import (
     grouped_lora,
     grouped_lora_reference,
 )
+from jft.pallas_kernels.quant_matmul import quant_matmul, quant_matmul_reference
 from jft.pallas_kernels.s2ft_linear import (
     s2ft_input_side,
     s2ft_input_side_reference,
     s2ft_output_side,
     s2ft_output_side_reference,
 )
+from jft.quant import QuantizedTensor, quantize
+from jft.quant.formats import FORMATS
 
 # (K, N) of each linear of one Llama-3-8B layer (hidden 4096, 8 KV heads of 128, MLP 14336).
 LLAMA_8B = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024),
@@ -63,6 +73,13 @@ TINY = {name: (k // 64, n // 64) for name, (k, n) in LLAMA_8B.items()}
 INPUT_SIDE = ("o_proj", "down_proj")
 ADAPTER_COUNTS = (1, 8, 64, 512)
 LORA_SCALE = 2.0  # alpha / r = 32 / 16
+QUANT_MODULES = ("q_proj", "up_proj", "down_proj")
+# (format, block, double quantization)
+QUANT_FORMATS = (("nf4", 64, True), ("int8", 64, False), ("q8_0", 32, False),
+                 ("q4_0", 32, False))
+# 1/32 of Llama-3-8B's dims (1/64 would leave down_proj's K = 224, not whole nf4 blocks,
+# and the kernel would fall back to the reference).
+QUANT_TINY = {name: (k // 32, n // 32) for name, (k, n) in LLAMA_8B.items()}
 
 
 def timed(fn, *args, warmup: int, iters: int) -> float:
@@ -199,13 +216,61 @@ def multi_lora_records(shapes, rows, tokens, rank, dtype, timing, adapter_counts
     return records
 
 
+def quantized_weight(array, format, block, double_quant) -> QuantizedTensor:
+    """`array` [N, K] quantized. GGUF's formats are built as a GGUF file provides them (the
+    gguf package's bytes, split into codes and scales)."""
+    if format in ("q8_0", "q4_0"):
+        codes, scales = FORMATS[format].split(gguf.quants.quantize(array, FORMATS[format].qtype))
+        weight = QuantizedTensor(codes, scales, None, None, format, 32, array.shape[1])
+    else:
+        weight = quantize(array, format, block, double_quant)
+    return jax.tree.map(jnp.asarray, weight)
+
+
+def quant_records(shapes, tokens, dtype, timing):
+    records = []
+    rng = np.random.default_rng(3)
+    key = jax.random.key(3)
+    for name in QUANT_MODULES:
+        k, n = shapes[name]
+        kx, kp = jax.random.split(jax.random.fold_in(key, hash(name) % 2**31))
+        x = jax.random.normal(kx, (tokens, k), dtype)
+        probe = jax.random.normal(kp, (tokens, n), dtype)
+        # Quantized on the host, as a checkpoint is; the weight is [N, K], K contracted.
+        array = rng.standard_normal((n, k), np.float32) / np.float32(k**0.5)
+        for format, block, double_quant in QUANT_FORMATS:
+            weight = quantized_weight(array, format, block, double_quant)
+            row = {"part": "quant_matmul", "module": name, "K": k, "N": n, "tokens": tokens,
+                   "format": format, "block": block, "double_quant": double_quant}
+            for impl, fn in (("pallas", quant_matmul), ("xla", quant_matmul_reference)):
+                # dx only: the weight is an argument (not a baked-in constant) whose
+                # cotangent, unused, is dropped by jit.
+                row[f"{impl}_forward_s"] = timed(jax.jit(fn), x, weight, **timing)
+                both = forward_backward(fn, (0,))
+                row[f"{impl}_forward_backward_s"] = timed(both, x, weight, probe, **timing)
+            row["speedup_forward"] = row["xla_forward_s"] / row["pallas_forward_s"]
+            row["speedup_forward_backward"] = (row["xla_forward_backward_s"]
+                                               / row["pallas_forward_backward_s"])
+            records.append(row)
+            print(f"quant_matmul {name:<9} {k:>5}x{n:<5} {format:<4}  "
+                  f"fwd x{row['speedup_forward']:.2f} "
+                  f"(xla {row['xla_forward_s'] * 1e3:.2f} ms, "
+                  f"pallas {row['pallas_forward_s'] * 1e3:.2f} ms)  "
+                  f"fwd+bwd x{row['speedup_forward_backward']:.2f} "
+                  f"(xla {row['xla_forward_backward_s'] * 1e3:.2f} ms, "
+                  f"pallas {row['pallas_forward_backward_s'] * 1e3:.2f} ms)", flush=True)
+    return records
+
+
 def measured_faster(records) -> dict[str, bool]:
     """Whether each kernel beat its reference here (forward + backward where measured)."""
     verdict = {}
     lora = [r["speedup_forward_backward"] for r in records if r["part"] == "lora_linear"]
     s2ft = [r["speedup_forward_backward"] for r in records if r["part"] == "s2ft_linear"]
     multi = [r["xla_s"] / r["pallas_s"] for r in records if r["part"] == "multi_lora"]
-    for name, ratios in (("lora_linear", lora), ("s2ft_linear", s2ft), ("multi_lora", multi)):
+    quant = [r["speedup_forward_backward"] for r in records if r["part"] == "quant_matmul"]
+    for name, ratios in (("lora_linear", lora), ("s2ft_linear", s2ft), ("multi_lora", multi),
+                         ("quant_matmul", quant)):
         if ratios:
             verdict[name] = statistics.median(ratios) > 1.0
     return verdict
@@ -219,6 +284,8 @@ def main():
                         help="tiny shapes (1/64 of Llama-3-8B's) and few iterations")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens of a training step")
     parser.add_argument("--rows", type=int, default=512, help="rows of a decode step")
+    parser.add_argument("--quant-tokens", type=int, default=2048,
+                        help="tokens through quant_matmul (a QLoRA step's micro-batch)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--s2ft-width", type=int, default=512,
                         help="S2FT block width: 4 heads of 128 for q/o, 512 channels for up/down")
@@ -229,15 +296,18 @@ def main():
     if args.json.exists() and not args.overwrite:
         parser.error(f"{args.json} exists; pass --overwrite to replace it")
     shapes, tokens, rows, counts = LLAMA_8B, args.tokens, args.rows, ADAPTER_COUNTS
+    quant_shapes, quant_tokens = LLAMA_8B, args.quant_tokens
     timing = {"warmup": args.warmup, "iters": args.iters}
     if args.quick:
         shapes, tokens, rows, counts = TINY, 64, 16, (1, 8)
+        quant_shapes, quant_tokens = QUANT_TINY, 64
         timing = {"warmup": 1, "iters": 2}
     dtype = jnp.dtype(args.dtype)
     width = 8 if args.quick else args.s2ft_width
     records = lora_records(shapes, tokens, args.rank, dtype, timing)
     records += s2ft_records(shapes, tokens, width, dtype, timing)
     records += multi_lora_records(shapes, rows, tokens, args.rank, dtype, timing, counts)
+    records += quant_records(quant_shapes, quant_tokens, dtype, timing)
     verdict = measured_faster(records)
     print(f"\nplatform {platform()}: kernels faster than their references here: "
           f"{sorted(k for k, v in verdict.items() if v) or 'none'}")

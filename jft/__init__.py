@@ -9,12 +9,14 @@ __version__ = "0.1.0"
 __all__ = ["JftError", "load", "merge"]
 
 
-def load(model, dtype: str = "auto", compute_dtype: str = "auto", adapter=None, rules=None):
+def load(model, dtype: str = "auto", compute_dtype: str = "auto", adapter=None, rules=None,
+         **quantization):
     """Loads a bundled name, an HF directory or a `.gguf` file (with a training run's
-    adapter on top, sharded over a mesh with `rules`); see `jft.api.load`."""
+    adapter on top, sharded over a mesh with `rules`, its base quantized with
+    `quantize="nf4"`, ...); see `jft.api.load`."""
     from jft.api import load as _load
 
-    return _load(model, dtype, compute_dtype, adapter, rules)
+    return _load(model, dtype, compute_dtype, adapter, rules, **quantization)
 
 
 def merge(model, inputs, method, weights=None, **options):

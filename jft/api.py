@@ -31,6 +31,8 @@ class Model:
     # A continual run's task selector (dynamic ConPET): each prompt is answered by the
     # task adapter it routes to (jft.continual.inference.Router).
     router: Any = None
+    # What quantizing the base did (`quantize=`), e.g. a GGUF file's tensors kept or converted.
+    quantization: Any = None
 
     def logits(self, token_ids) -> jax.Array:
         """Logits [B, T, V] for token ids [T] or [B, T]."""
@@ -119,7 +121,9 @@ def _jit_forward(config, params, tokens, adapters):
 
 def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
          adapter: str | Path | Sequence[str | Path] | None = None,
-         rules: LogicalRules | None = None) -> Model:
+         rules: LogicalRules | None = None, quantize: str | None = None,
+         quantize_block: int = 64, double_quant: bool = True,
+         quantize_embeddings: bool = False) -> Model:
     """Loads a bundled name, an HF directory or a `.gguf` file.
 
     adapter: a `python -m jft.train` run directory, whose latest checkpoint's deltas are
@@ -134,7 +138,16 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
 
     dtype: the params' dtype; compute_dtype: the activations'. "auto" is float32 on
     CPU (where bfloat16 matmuls are slow) and bfloat16 on GPU and TPU.
+
+    quantize: "nf4", "fp4" or "int8" stores the base's linear weights quantized in blocks
+    of `quantize_block` along their inputs, the 4-bit formats' scales quantized again
+    (`double_quant`, QLoRA's), and the embedding table too with `quantize_embeddings`
+    (docs/quantization.md). A GGUF file's Q8_0 and Q4_0 tensors are then kept as
+    stored; `Model.quantization` reports what was kept and what converted, with its error.
     """
+    from jft.quant.params import component_axes, from_setting
+
+    spec = from_setting(quantize, quantize_block, double_quant, quantize_embeddings)
     default = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype = default if dtype == "auto" else dtype
     compute_dtype = default if compute_dtype == "auto" else compute_dtype
@@ -144,8 +157,9 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     sharding = None
     if rules is not None:
         def sharding(path, shape):
-            return rules.sharding(PARAM_AXES[path[-1]], shape, "/".join(path))
-    checkpoint = load_checkpoint(model, dtype, sharding)
+            axes = PARAM_AXES[path[-1]] if path[-1] in PARAM_AXES else component_axes(path)
+            return rules.sharding(axes, shape, "/".join(path))
+    checkpoint = load_checkpoint(model, dtype, sharding, spec)
     config = checkpoint.config.replace(dtype=compute_dtype)
     params, adapters, router = checkpoint.params, [], None
     if isinstance(adapter, list | tuple):  # stacked in order, each over the ones before
@@ -162,5 +176,6 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
             params, adapters, router = load_continual(adapter, params, config, rules)
         else:
             params, adapters = load_adapter(adapter, params, config, rules)
-    return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters, router)
+    return Model(config, params, checkpoint.tokenizer, checkpoint.source, adapters, router,
+                 checkpoint.quantization)
 

@@ -40,7 +40,7 @@ def build_parser():
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                         help="merged weights' dtype (the merge itself runs in float32)")
-    parser.add_argument("--quant", default="f16", choices=("f16", "q8_0", "f32"),
+    parser.add_argument("--quant", default="f16", choices=("f16", "q8_0", "q4_0", "f32"),
                         help="gguf weights' type (norms and biases stay f32)")
     parser.add_argument("--overwrite", action="store_true",
                         help="move an existing --out aside (to OUT.oldN) instead of refusing")
@@ -70,7 +70,17 @@ def main(argv: list[str]) -> int:
     model_name = args.model or _base_model(adapter)
     import jft
 
-    model = jft.load(model_name, dtype="float32", compute_dtype="float32", adapter=adapter)
+    quantization = _run_quantization(adapter)
+    model = jft.load(model_name, dtype="float32", compute_dtype="float32", adapter=adapter,
+                     **quantization)
+    if quantization and args.format in ("merged", "gguf"):
+        from jft.quant.params import dequantize_params
+
+        # PEFT's merge of a QLoRA adapter does the same: the weights the adapter was
+        # trained against are the dequantized ones, not the original floats.
+        model.params = dequantize_params(model.params, model.config)
+        print(f"the run trained on a {quantization['quantize']} base: its adapter is folded "
+              "into the dequantized weights, written as floats", file=sys.stderr)
     for a in model.adapters:
         _check_expressible(a.method, args.format)
     adapter = model.adapters[0] if model.adapters else None
@@ -158,6 +168,20 @@ def _check_expressible(method: str, format: str) -> None:
     if format not in can:
         raise JftError(f"--format {format} cannot express {method}; {method} exports as "
                        f"{' or '.join(can)}")
+
+
+def _run_quantization(source: Path) -> dict:
+    """The `quantize*` settings of the run `source` is (none for an adapter directory)."""
+    if source.parent.name == "checkpoints":
+        source = source.parents[1]
+    try:
+        run = yaml.safe_load((source / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(run, dict) or run.get("quantize", "none") == "none":
+        return {}
+    return {key: run[key] for key in ("quantize", "quantize_block", "double_quant",
+                                      "quantize_embeddings") if key in run}
 
 
 def _base_model(source: Path) -> str:

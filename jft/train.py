@@ -125,7 +125,12 @@ class Run:
         config = self.config
         with self._status(f"loading model {config.model}"):
             model = jft.load(config.model, dtype=config.model_dtype,
-                             compute_dtype=config.compute_dtype, rules=self.rules)
+                             compute_dtype=config.compute_dtype, rules=self.rules,
+                             quantize=config.quantize, quantize_block=config.quantize_block,
+                             double_quant=config.double_quant,
+                             quantize_embeddings=config.quantize_embeddings)
+            if model.quantization is not None and self.is_main:
+                print(f"{config.model}: {model.quantization.summary()}", file=sys.stderr)
             self.base_hash = base_fingerprint(model.params)
         self.model = model
         self.model_config = model.config.replace(remat=config.remat, kernels=config.kernels)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jft.models import attention as attention_blocks
 from jft.models.config import ModelConfig
 from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_sites
+from jft.quant import params as quantized
+from jft.quant.tensor import QuantizedTensor, dequantize, is_quantized
 from jft.sharding.logical import constrain
 
 Params = dict[str, Any]
@@ -86,10 +88,17 @@ def param_axes(params: Params, config: ModelConfig | None = None) -> Params:
     """The logical axis names of every leaf, as a tree shaped like `params` (`config`:
     for a family that declares linears of its own)."""
     axes = logical_axes(config)
-    return {
-        key: param_axes(value, config) if isinstance(value, dict) else axes[key]
-        for key, value in params.items()
-    }
+    sites = {site.name: site for site in (linear_sites(config) if config else TRANSFORMER_SITES)}
+
+    def leaf_axes(key, value):
+        if isinstance(value, dict):
+            return param_axes(value, config)
+        if is_quantized(value):  # a site's weight as its [*out, in] matrix, or a table
+            matrix = quantized.matrix_axes(sites[key]) if key in sites else axes[key]
+            return quantized.quantized_axes(value, matrix)
+        return axes[key]
+
+    return {key: leaf_axes(key, value) for key, value in params.items()}
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std=0.02) -> Params:
@@ -227,8 +236,11 @@ def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
     dtype = jnp.dtype(config.dtype)
     # Gathered whole first, as FSDP gathers every weight before use: a lookup into a
     # vocab-sharded table would make XLA replicate the batch instead.
-    table = constrain(params["embed"], (None, None))
-    x = jnp.take(table, tokens, axis=0).astype(dtype)  # [B, T, D]
+    if is_quantized(params["embed"]):
+        x = quantized.rows(params["embed"], tokens, dtype)  # never the whole table
+    else:
+        table = constrain(params["embed"], (None, None))
+        x = jnp.take(table, tokens, axis=0).astype(dtype)  # [B, T, D]
     if config.embed_scale:
         # HF multiplies by sqrt(D) rounded to the activation dtype, inside its embedding
         # module: prompt-tuning's virtual tokens (prepended after this) are not scaled.
@@ -301,6 +313,8 @@ def final_hidden(config: ModelConfig, params: Params, x: jax.Array):
     """The last layer's output normed, and the output head [V, D] (the embedding table
     when tied): `output_logits` of the two are the logits."""
     head = params["embed"] if config.tie_embeddings else params["lm_head"]
+    if is_quantized(head):
+        head = dequantize(head, x.dtype)
     return rms_norm(x, params["final_norm"], config), head
 
 
@@ -330,7 +344,10 @@ class LayerHooks:
         bias = layer.get(site.bias) if site.bias is not None else None
         pairs = tuple((adapter, delta) for adapter, delta in self.pairs
                       if adapter.impl.wraps_linear(site, adapter.delta, delta, adapter.config))
-        return Linear(site, layer[site.name], bias, self, pairs)(x)
+        weight = layer[site.name]
+        if is_quantized(weight):
+            return QuantizedLinear(site, weight, bias, self, pairs)(x)
+        return Linear(site, weight, bias, self, pairs)(x)
 
     def without_dropout(self) -> LayerHooks:
         return LayerHooks(self.config, self.index, self.pairs, None, self.prefix_visible)
@@ -375,7 +392,7 @@ class Linear:
             y = jnp.einsum(self.site.equation, x, self.weight.astype(x.dtype))
             return y if self.bias is None else y + self.bias.astype(x.dtype)
         adapter, delta = self.pairs[-1]
-        inner = Linear(self.site, self.weight, self.bias, self.hooks, self.pairs[:-1])
+        inner = self.inner()
         return adapter.impl.linear(self.site, x, inner, adapter.delta, delta, self.hooks,
                                    adapter.config)
 
@@ -390,14 +407,68 @@ class Linear:
             bias = (jnp.zeros(dims_out, jnp.float32) if self.bias is None
                     else self.bias.astype(jnp.float32))
             return jax.lax.stop_gradient(weight), jax.lax.stop_gradient(bias)
-        quiet = Linear(self.site, self.weight, self.bias, self.hooks.without_dropout(),
-                       self.pairs)
+        quiet = self.with_hooks(self.hooks.without_dropout())
         size = math.prod(dims_in)
         probes = jnp.concatenate([jnp.zeros((1, size)), jnp.eye(size)]).reshape(
             1, size + 1, *dims_in)  # [B=1, T=1+in, *in]: zero, then each unit input
         out = jax.lax.stop_gradient(quiet(probes).astype(jnp.float32))[0]  # [1 + in, *out]
         bias = out[0]
         return (out[1:] - bias).reshape(*dims_in, *dims_out), bias
+
+
+    def inner(self) -> Linear:
+        """This linear without its outermost adapter."""
+        return Linear(self.site, self.weight, self.bias, self.hooks, self.pairs[:-1])
+
+    def with_hooks(self, hooks: LayerHooks) -> Linear:
+        return Linear(self.site, self.weight, self.bias, hooks, self.pairs)
+
+
+class QuantizedLinear(Linear):
+    """A linear whose base weight is stored quantized (`jft.quant`). `weight` is the
+    dequantized weight in the compute dtype, made where a hook asks for it, inside the
+    layer scan, so at most one layer's weights are ever dequantized; the plain base
+    linear is the fused dequantize-and-matmul kernel under `kernels: pallas`."""
+
+    def __init__(self, site, quantized_weight: QuantizedTensor, bias, hooks, pairs=(),
+                 weight=None):
+        self.quantized_weight = quantized_weight
+        if weight is None:
+            in_dims = site.dims(hooks.config)[0]
+            weight = quantized.dequantize_weight(site, quantized_weight, in_dims,
+                                                 hooks.config.dtype)
+        super().__init__(site, weight, bias, hooks, pairs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.is_plain and _use_kernel("quant_matmul", self.hooks.config):
+            from jft.pallas_kernels.quant_matmul import quant_matmul
+
+            lead = x.shape[:len(self.site.lead)]
+            y = quant_matmul(x.reshape(math.prod(lead), -1), self.quantized_weight_matrix)
+            y = y.reshape(*lead, *self.site.dims(self.hooks.config)[1])
+            return y if self.bias is None else y + self.bias.astype(x.dtype)
+        return super().__call__(x)
+
+    @property
+    def quantized_weight_matrix(self) -> QuantizedTensor:
+        """The weight as the quantized matrix [out, in] (the site's output dims merged)."""
+        q = self.quantized_weight
+        reshape = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        return dataclasses.replace(q, codes=reshape(q.codes), scales=reshape(q.scales))
+
+    def inner(self) -> Linear:
+        return QuantizedLinear(self.site, self.quantized_weight, self.bias, self.hooks,
+                               self.pairs[:-1], self.weight)
+
+    def with_hooks(self, hooks: LayerHooks) -> Linear:
+        return QuantizedLinear(self.site, self.quantized_weight, self.bias, hooks, self.pairs,
+                               self.weight)
+
+
+def _use_kernel(name: str, config: ModelConfig) -> bool:
+    from jft.pallas_kernels import use_pallas
+
+    return use_pallas(name, config.kernels)
 
 
 def transformer_block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):

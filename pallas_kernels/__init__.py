@@ -6,7 +6,9 @@ Every kernel sits beside an XLA reference implementation of the same function:
 - `s2ft_linear`: S2FT's trainable block beside the frozen weight, the block's gradient
   and the frozen remainder's dx in one pass over dy;
 - `multi_lora`: rows of one batch using different LoRA adapters (grouped for prefill,
-  gathered for decode).
+  gathered for decode);
+- `quant_matmul`: x @ W^T with W a block-quantized frozen weight (nf4, fp4, int8, q8_0,
+  q4_0), dequantized tile by tile inside the matmul (forward and dx).
 
 `kernels: auto | pallas | xla` (a run's config key, `ModelConfig.kernels`) chooses
 between them. `pallas` forces the kernels (interpret mode on CPU, which is slow and
@@ -27,6 +29,7 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
     "lora_linear": frozenset(),
     "s2ft_linear": frozenset(),
     "multi_lora": frozenset(),
+    "quant_matmul": frozenset(),
 }
 
 

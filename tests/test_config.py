@@ -27,6 +27,10 @@ model_dtype: bfloat16
 compute_dtype: float32
 remat: dots
 kernels: xla
+quantize: nf4
+quantize_block: 128
+double_quant: false
+quantize_embeddings: true
 objective: sft
 method:
   name: lora

@@ -32,12 +32,13 @@ from jft.models.tensor_names import checkpoint_tensors
 from jft.storage import writing
 from jft.text.tokenizer import PRE_TOKENIZER_SPLITS, Tokenizer  # the loader's splits by pre name
 
-QUANTS = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
+QUANTS = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 _FILE_TYPES = {
     Q.F32: gguf.LlamaFileType.ALL_F32,
     Q.F16: gguf.LlamaFileType.MOSTLY_F16,
     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 # Token ids are written from the tokenizer, not from the architecture.
 _NOT_ARCHITECTURE = ("policy", "bos_id", "eos_id")
@@ -47,8 +48,8 @@ def write_gguf_file(config: ModelConfig, params: dict, tokenizer: Tokenizer | No
                     path: Path, quant: str = "f16") -> None:
     """Writes `params` (a merged jft params tree) with its tokenizer to `path`.
 
-    quant: "f32", "f16" or "q8_0" for the 2-D weights; a weight whose rows are not whole
-    Q8_0 blocks falls back to F16, as llama.cpp does.
+    quant: "f32", "f16", "q8_0" or "q4_0" for the 2-D weights; a weight whose rows are
+    not whole blocks of 32 falls back to F16, as llama.cpp does.
     """
     if quant not in QUANTS:
         raise JftError(f"GGUF quant {quant!r} is not supported; supported: {', '.join(QUANTS)}")

@@ -100,6 +100,20 @@ class GGUFFile:
         return out.reshape(stop - start, *tensor.shape[1:-1], stop_column - first_column)
 
 
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored, [rows, bytes per row] (rows: every axis but the
+        innermost): its quantization blocks, undecoded."""
+        tensor = self.tensors[name]
+        block, block_bytes = GGML_QUANT_SIZES[tensor.kind]
+        raw = np.empty((tensor.nbytes // (tensor.shape[-1] // block * block_bytes),
+                        tensor.shape[-1] // block * block_bytes), np.uint8)
+        with open(self.path, "rb") as file:
+            file.seek(tensor.start)
+            if file.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise JftError(f"{self.path}: tensor {name!r} is truncated")
+        return raw
+
+
 class _Parser:
     def __init__(self, file):
         self.file = file

@@ -30,7 +30,10 @@ from jft.formats.gguf_file import GGUFFile
 from jft.formats.safetensors_io import SafetensorsFile
 from jft.models import ModelConfig, config_from_gguf, config_from_hf, param_shapes
 from jft.models.checkpoint_fields import GGUFMetadata
+from jft.models.sites import linear_sites
 from jft.models.tensor_names import TOP_LEVEL, Layout, Ranges, TensorSource, layer_sources
+from jft.quant import FORMATS, QuantizedTensor
+from jft.quant.params import QuantizeSpec, error_of, weight_to_matrix
 from jft.text import default_chat_templates
 
 if TYPE_CHECKING:
@@ -49,20 +52,43 @@ class Checkpoint:
     params: dict[str, Any]
     tokenizer: Tokenizer | None
     source: Path
+    quantization: QuantizationReport | None = None
+
+
+@dataclass
+class QuantizationReport:
+    """What quantizing a checkpoint did: tensors kept in the file's own format, and
+    tensors converted, by source type, with the relative RMS error of each conversion
+    against the values the file holds."""
+
+    format: str
+    kept: dict[str, int]
+    errors: dict[str, list[float]]
+
+    def summary(self) -> str:
+        parts = [f"kept {count} {kind} tensors as stored" for kind, count in self.kept.items()]
+        for kind, errors in self.errors.items():
+            parts.append(f"quantized {len(errors)} {kind} tensors to {self.format} (relative "
+                         f"RMS error {np.mean(errors):.4f} mean, {max(errors):.4f} max)")
+        return "; ".join(parts)
 
 
 def load_checkpoint(model: str | Path, dtype: str = "float32",
-                    sharding: ShardingFn | None = None) -> Checkpoint:
+                    sharding: ShardingFn | None = None,
+                    quantize: QuantizeSpec | None = None) -> Checkpoint:
     """Loads a bundled name, an HF directory or a `.gguf` file with params in `dtype`.
 
     `sharding(path, shape)` places each leaf, e.g. `("layers", "q_proj")` of its global
-    shape; each process then reads only what its addressable devices hold. None: every
-    leaf on the default device.
+    shape, or `("layers", "q_proj", "codes")` of a quantized one; each process then reads
+    only what its addressable devices hold. None: every leaf on the default device.
+    `quantize`: the linear weights (and with `embeddings` the tables) are quantized a
+    layer at a time as they are read (`jft.quant`), a GGUF file's Q8_0 and Q4_0 tensors
+    kept as stored.
     """
     path = resolve(model)
     if path.suffix == ".gguf":
-        return _load_gguf(path, jnp.dtype(dtype), sharding)
-    return _load_hf_dir(path, jnp.dtype(dtype), sharding)
+        return _load_gguf(path, jnp.dtype(dtype), sharding, quantize)
+    return _load_hf_dir(path, jnp.dtype(dtype), sharding, quantize)
 
 
 def resolve(model: str | Path) -> Path:
@@ -87,7 +113,8 @@ def resolve(model: str | Path) -> Path:
 # ---------------------------------------------------------------- HF directories
 
 
-def _load_hf_dir(directory: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
+def _load_hf_dir(directory: Path, dtype, sharding: ShardingFn | None,
+                 quantize: QuantizeSpec | None) -> Checkpoint:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise JftError(f"{directory}: no config.json; an HF model directory needs one")
@@ -111,11 +138,13 @@ def _load_hf_dir(directory: Path, dtype, sharding: ShardingFn | None) -> Checkpo
         shape=lambda name: file_of(name).tensors[rename(name)].shape,
         read=lambda name, rows, columns: file_of(name).read(rename(name), dtype, rows, columns),
         describe=lambda name: f"{file_of(name).path}: tensor {rename(name)!r}",
+        kind=lambda name: str(file_of(name).tensors[rename(name)].dtype),
     )
     config = config.replace(tie_embeddings=tied)
-    params = _build_params(config, dtype, reader, sharding)
+    report = quantize and QuantizationReport(quantize.format, {}, {})
+    params = _build_params(config, dtype, reader, sharding, quantize, report)
     return Checkpoint(config, params, _with_chat_template(_dir_tokenizer(directory), config),
-                      directory)
+                      directory, report)
 
 
 def _safetensors_files(directory: Path) -> list[SafetensorsFile]:
@@ -180,7 +209,8 @@ def _dir_tokenizer(directory: Path) -> Tokenizer | None:
 # ---------------------------------------------------------------- GGUF files
 
 
-def _load_gguf(path: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
+def _load_gguf(path: Path, dtype, sharding: ShardingFn | None,
+               quantize: QuantizeSpec | None) -> Checkpoint:
     from jft.text.tokenizer import load_tokenizer_from_gguf
 
     gguf_file = GGUFFile(path)
@@ -217,11 +247,24 @@ def _load_gguf(path: Path, dtype, sharding: ShardingFn | None) -> Checkpoint:
             weights = unpermute_rotary(weights, config.head_dim)  # rows are whole heads
         return weights
 
+    def read_stored(name: str) -> QuantizedTensor | None:
+        """A Q8_0 / Q4_0 tensor as the file stores it, [rows, columns]."""
+        kind = tensors[name].kind.name.lower()
+        if kind not in FORMATS:
+            return None
+        raw = gguf_file.read_raw(name)
+        if architecture == "llama" and name.endswith(ROTARY_PERMUTED):
+            raw = unpermute_rotary(raw, config.head_dim)  # whole rows move
+        codes, scales = FORMATS[kind].split(raw)
+        return QuantizedTensor(codes, scales, None, None, kind, 32, tensors[name].shape[-1])
+
     reader = _Reader(name_of=lambda source: source.gguf, shape=shape, read=read,
-                     describe=lambda name: f"{path}: tensor {name!r}")
-    params = _build_params(config, dtype, reader, sharding)
+                     describe=lambda name: f"{path}: tensor {name!r}",
+                     kind=lambda name: tensors[name].kind.name, read_stored=read_stored)
+    report = quantize and QuantizationReport(quantize.format, {}, {})
+    params = _build_params(config, dtype, reader, sharding, quantize, report)
     tokenizer = _with_chat_template(load_tokenizer_from_gguf(fields, path), config)
-    return Checkpoint(config, params, tokenizer, path)
+    return Checkpoint(config, params, tokenizer, path, report)
 
 
 def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tokenizer | None:
@@ -265,6 +308,9 @@ class _Reader:
     shape: Callable[[str], tuple[int, ...]]
     read: Callable[[str, tuple[int, int], tuple[int, int] | None], np.ndarray]
     describe: Callable[[str], str]  # "file: tensor 'name'", for errors
+    kind: Callable[[str], str]  # its stored type: "float16", "Q4_K", ...
+    # A tensor kept in its stored quantized form [rows, columns], or None (GGUF's Q8_0, Q4_0)
+    read_stored: Callable[[str], QuantizedTensor | None] = lambda name: None
 
 
 # Buffers are filled in place on the device (donated), so the host holds one layer
@@ -321,27 +367,95 @@ class _Shards:
             self.shape, self.sharding, list(self.buffers.values()))
 
 
-def _build_params(config: ModelConfig, dtype, reader: _Reader,
-                  sharding: ShardingFn | None) -> dict[str, Any]:
+def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: ShardingFn | None,
+                  quantize: QuantizeSpec | None = None,
+                  report: QuantizationReport | None = None) -> dict[str, Any]:
     """Every leaf of `param_shapes(config)`, placed by `sharding` (None: default device)."""
     shapes = param_shapes(config)
     sources = layer_sources(config)
+    sites = {site.name: site for site in linear_sites(config)}
 
     def shards(path: tuple[str, ...], shape) -> _Shards:
         return _Shards(shape, dtype, sharding(path, tuple(shape)) if sharding else None)
 
     params: dict[str, Any] = {}
     for key, shape in shapes.items():
-        if key != "layers":
-            leaf = shards((key,), shape)
-            _fill_rows(reader, TOP_LEVEL[key], leaf, config)
-            params[key] = leaf.array()
+        if key == "layers":
+            continue
+        if quantize is not None and quantize.quantizes((key,), sites):
+            name = reader.name_of(TOP_LEVEL[key])
+            matrix = _quantized_matrix(reader, name, None, quantize, report)
+            params[key] = _place_quantized([matrix], (key,), sharding, stacked=False)
+            continue
+        leaf = shards((key,), shape)
+        _fill_rows(reader, TOP_LEVEL[key], leaf, config)
+        params[key] = leaf.array()
     params["layers"] = {}
     for key, shape in shapes["layers"].items():
+        if quantize is not None and quantize.quantizes(("layers", key), sites):
+            names = [reader.name_of(sources[key]).format(i=i) for i in range(config.num_layers)]
+            # Layers stack into one array: a site's stored formats are kept only if they
+            # are all the same (a Q4_K_M file mixes Q4_K and Q6_K layers).
+            keep = len({reader.kind(name) for name in names}) == 1
+            layers = [_quantized_matrix(reader, name, (sources[key].layout, sites[key], config),
+                                        quantize, report, keep)
+                      for name in names]
+            params["layers"][key] = _place_quantized(layers, ("layers", key), sharding)
+            continue
         leaf = shards(("layers", key), shape)
         _fill_layers(reader, sources[key], leaf, config)
         params["layers"][key] = leaf.array()
     return params
+
+
+def _quantized_matrix(reader: _Reader, name: str, site_layout, quantize: QuantizeSpec,
+                      report: QuantizationReport, keep: bool = True) -> QuantizedTensor:
+    """One tensor quantized as the matrix [*out, in] (a table: [rows, D]): kept as
+    stored if its format is one jft computes with (and `keep`), else read in float and
+    quantized."""
+    stored = reader.read_stored(name) if keep else None
+    kind = reader.kind(name)
+    out_dims = () if site_layout is None else site_layout[1].dims(site_layout[2])[1]
+    if stored is not None:
+        report.kept[kind] = report.kept.get(kind, 0) + 1
+        return _split_rows(stored, out_dims)
+    values = reader.read(name, (0, reader.shape(name)[0]), None)
+    if site_layout is not None:
+        layout, site, config = site_layout
+        values = weight_to_matrix(site, layout.to_jft(values, config))
+    tensor = quantize.quantize(values)
+    report.errors.setdefault(kind, []).append(error_of(values, tensor))
+    return tensor
+
+
+def _split_rows(tensor: QuantizedTensor, out_dims: tuple[int, ...]) -> QuantizedTensor:
+    """A stored [rows, columns] tensor with its rows split into a site's output dims."""
+    if len(out_dims) < 2:
+        return tensor
+    return QuantizedTensor(tensor.codes.reshape(*out_dims, -1),
+                           tensor.scales.reshape(*out_dims, -1), None, None, tensor.format,
+                           tensor.block, tensor.columns)
+
+
+def _place_quantized(layers: list[QuantizedTensor], path: tuple[str, ...],
+                     sharding: ShardingFn | None, stacked: bool = True) -> QuantizedTensor:
+    """Quantized layers (host arrays) stacked over a leading layers axis (`stacked`) or a
+    single tensor, each array placed as `sharding` says for it."""
+    first = layers[0]
+    arrays = {}
+    for field in ("codes", "scales", "scale_absmax", "scale_offset"):
+        if getattr(first, field) is None:
+            arrays[field] = None
+            continue
+        values = [np.asarray(getattr(layer, field)) for layer in layers]
+        value = np.stack(values) if stacked else values[0]
+        if sharding is None:
+            arrays[field] = jnp.asarray(value)
+        else:  # every process holds the whole value and hands its devices their slices
+            arrays[field] = jax.make_array_from_callback(
+                value.shape, sharding((*path, field), value.shape), value.__getitem__)
+    return QuantizedTensor(**arrays, format=first.format, block=first.block,
+                           columns=first.columns)
 
 
 def _fill_layers(reader: _Reader, source: TensorSource, leaf: _Shards, config: ModelConfig):

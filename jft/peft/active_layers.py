@@ -145,6 +145,7 @@ def per_name(layers, names) -> dict:
 
 
 class ActiveLayersMethod(MethodBase):
+    edits_base_weights = True
     """The hooks, merge, rebase and counts of a delta laid out as described above; a
     subclass provides init, refresh_every and refresh."""
 

@@ -137,6 +137,13 @@ class MethodBase:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
+    # Trains the base's own weights (full FT, LISA, HFT, SpIEL): refused on a quantized base.
+    edits_base_weights: ClassVar[bool] = False
+
+    def reads_base_weights(self, config) -> bool:
+        """Whether `init` reads the base's weight values (not just their shapes): a
+        quantized base is then dequantized for it."""
+        return False
 
     def edit_params(self, params, delta, model, config):
         return params

@@ -12,6 +12,7 @@ import jax
 from jft.errors import JftError
 from jft.models import ModelConfig
 from jft.peft.base import Adapter, Targets, get_method
+from jft.quant.params import dequantize_params, is_quantized_tree
 
 
 def make_config(method: str, options: Mapping[str, Any]):
@@ -79,5 +80,13 @@ def create(
         config = make_config(method, options)
     elif options:
         raise JftError(f"give {method}'s config or its options, not both")
-    config, delta = impl.init_with_config(key, base, model, config, calibration_batches)
+    quantized = is_quantized_tree(base)
+    if quantized and impl.edits_base_weights:
+        raise JftError(f"method {method!r} trains the base's own weights, which are quantized "
+                       "here; quantize: none, or a method that trains beside them (lora, "
+                       "dora, ia3, prompt_tuning, prefix_tuning, s2ft, ...)")
+    # Inits that read weight values (DoRA's norms, PiSSA's SVD) read them dequantized.
+    readable = dequantize_params(base, model) if quantized and impl.reads_base_weights(
+        config) else base
+    config, delta = impl.init_with_config(key, readable, model, config, calibration_batches)
     return impl.rebase(base, delta, model, config), Adapter(delta, method, config)

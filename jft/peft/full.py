@@ -52,6 +52,7 @@ def select(base: dict, config: FullConfig) -> dict:
 
 class Full(MethodBase):
     name = "full"
+    edits_base_weights = True
     Config = FullConfig
 
     def init(self, key, base, model, config, calibration_batches=None):

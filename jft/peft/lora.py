@@ -9,7 +9,9 @@ Inits (`init`): `default` (PEFT's: Kaiming-uniform A, zero B) and `gaussian` (no
 with std 1/r, zero B) live here; the data-driven ones (PiSSA, EVA, CorDA, LoRA-GA) are
 in `lora_inits.py`. An init that rewrites the base (PiSSA, CorDA, LoRA-GA) leaves it
 alone: the delta records the initial factors as `init_a` / `init_b` (not trainable), and
-`rebase` gives W - s A0 B0, so that merge and export stay exact.
+`rebase` gives W - s A0 B0, so that merge and export stay exact. LoftQ (`loftq`, for a
+quantized base) rewrites the base as it is quantized (`lora_inits.loftq_params`): its
+delta records A0, B0 too, and `rebase` keeps a quantized base as it is (it is Q).
 
 In a stack of adapters LoRA adds s (x A) B to the output of the linear it wraps; over
 the plain base linear that is one fused kernel under `kernels: pallas`. DoRA rescales
@@ -32,8 +34,10 @@ from jft.errors import JftError
 from jft.models import ModelConfig
 from jft.models.sites import LinearSite, linear_site, site_index
 from jft.peft.base import MethodBase, Targets, as_targets, register, use_kernel
+from jft.quant.params import is_quantized_tree
+from jft.quant.tensor import is_quantized
 
-INITS = ("default", "gaussian", "pissa", "eva", "corda", "loraga")
+INITS = ("default", "gaussian", "pissa", "eva", "corda", "loraga", "loftq")
 DATA_DRIVEN_INITS = ("eva", "corda", "loraga")  # PiSSA needs only the weights
 
 
@@ -119,6 +123,9 @@ class Lora(MethodBase):
     name = "lora"
     Config = LoraConfig
 
+    def reads_base_weights(self, config) -> bool:
+        return config.dora or config.init not in ("default", "gaussian")
+
     def init(self, key, base, model, config, calibration_batches=None):
         if config.init not in ("default", "gaussian"):
             from jft.peft import lora_inits
@@ -180,10 +187,18 @@ class Lora(MethodBase):
 
     def rebase(self, base, delta, model, config):
         """The base an init rewrote (PiSSA, CorDA, LoRA-GA): W - s A0 B0, from the initial
-        factors the delta records as `init_a` / `init_b`. Other inits leave it alone."""
+        factors the delta records as `init_a` / `init_b`. Other inits leave it alone.
+        LoftQ's rewritten base is the quantized Q `lora_inits.loftq_params` made, kept as
+        it is; over the float base it was made from, it is W - s A0 B0 as for PiSSA."""
         recorded = {m: e for m, e in delta["layers"].items() if "init_a" in e}
         if not recorded:
             return base
+        if config.init == "loftq" and any(is_quantized(base["layers"][m]) for m in recorded):
+            return base
+        if is_quantized_tree(base):
+            raise JftError(f"init: {config.init} rewrites the base's weights, which are "
+                           "quantized here; use init: loftq (made for a quantized base) or "
+                           "quantize: none")
         initial = {"layers": {m: {"a": e["init_a"], "b": e["init_b"]} for m, e in recorded.items()}}
         sub_config = dataclasses.replace(config, dora=False, targets=Targets(tuple(recorded)))
         return _fold(base, initial, model, sub_config, sign=-1.0)

@@ -1,4 +1,5 @@
-"""The data-driven LoRA inits: PiSSA, EVA, CorDA and LoRA-GA, as PEFT computes them.
+"""The data-driven LoRA inits: PiSSA, EVA, CorDA and LoRA-GA, as PEFT computes them, and
+LoftQ's, which quantizes the base together with the factors.
 
 Everything is in jft's layout: a weight [*in, *out] is taken as a matrix W [in, out]
 (PEFT's `weight.T`), A is [in, r] (PEFT's `lora_A.T`) and B [r, out] (`lora_B.T`), so
@@ -22,6 +23,15 @@ largest rank, the padding zero (and masked by `plan`).
   ("ArB2r": A = U[:, :r], B = S[r:2r] V[:, r:2r]^T), `scale` rescales them ("stable": B
   times out^(1/4) / sqrt(stable_gamma)). Options `direction`, `scale`, `stable_gamma`;
   `loraga_gradients` gives G itself.
+
+- `loftq` (a quantized base only): Q and A, B chosen together so that dequantize(Q) +
+  s A B ~ W (`jft.quant.loftq`, which says where it differs from PEFT). It needs the
+  float W while the base is quantized, so it is not computed from a base here: `init`
+  refuses, and the loader calls `loftq_params` (float base -> quantized base, delta) or
+  `jft.quant.loftq.loftq_weight` per weight plus `loftq_delta`. Option `loftq_iter`
+  (PEFT's, default 1: Q is plain quantization's, A B the SVD of its error). The delta
+  records A0, B0 (so exports over the original W are W + s (A B - A0 B0)), but
+  `Lora.rebase` leaves the base alone: the rewritten base is the quantized Q.
 
 PiSSA, CorDA and LoRA-GA start from a non-zero s A0 B0, so the model is unchanged only
 on the base W - s A0 B0: the delta records A0, B0 as `init_a` / `init_b` (not trainable)
@@ -70,6 +80,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "eva": {"rho": 2.0, "whiten": False, "use_label_mask": True, "adjust_scaling_factors": True},
     "corda": {"corda_method": "ipm"},
     "loraga": {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16},
+    "loftq": {"loftq_iter": 1},
 }
 _DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 _SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -93,6 +104,10 @@ def options(config: LoraConfig) -> dict[str, Any]:
         raise JftError(f"eva rho must be >= 1, got {opts['rho']}")
     if config.init == "corda" and opts["corda_method"] not in ("ipm", "kpm"):
         raise JftError(f"corda_method must be 'ipm' or 'kpm', got {opts['corda_method']!r}")
+    if config.init == "loftq":
+        steps = opts["loftq_iter"]
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise JftError(f"loftq_iter must be an integer >= 1, got {steps!r}")
     if config.init == "loraga":
         if opts["direction"] not in _DIRECTIONS:
             raise JftError(f"loraga direction {opts['direction']!r}; valid: {_DIRECTIONS}")
@@ -105,6 +120,8 @@ def init(key: jax.Array, base: dict, model: ModelConfig, config: LoraConfig,
          calibration_batches: Sequence[dict] | None = None) -> dict:
     """The delta of a data-driven init (`config.init` in pissa, eva, corda, loraga)."""
     opts = options(config)
+    if config.init == "loftq":
+        raise JftError(_loftq_refusal())
     with jax.default_matmul_precision("highest"):
         if config.init == "pissa":
             factors = _pissa(key, base, model, config, opts["niter"])
@@ -173,6 +190,94 @@ def svd_lowrank(key: jax.Array, w: jax.Array, q: int, niter: int):
     if transposed:
         return vt.T, s, u.T
     return u, s, vt
+
+
+# ---------------------------------------------------------------- LoftQ
+
+LOFTQ_NEEDS_QUANTIZED = "init: loftq needs a quantized base (quantize: nf4|fp4|int8)"
+
+
+def _loftq_refusal() -> str:
+    return (f"{LOFTQ_NEEDS_QUANTIZED}, and is computed as it is quantized, from the float "
+            "weights (which a quantized base no longer has): the loader runs it "
+            "(jft.peft.lora_inits.loftq_params(float_base, model, config, quantize_spec), or "
+            "jft.quant.loftq.loftq_weight per weight), not an init over a loaded base")
+
+
+def loftq_params(base: dict, model: ModelConfig, config: LoraConfig, spec) -> tuple[dict, dict]:
+    """`init: loftq` from the float base: (the quantized base, the LoRA delta).
+
+    Every targeted site's weight is quantized by LoftQ (`jft.quant.loftq`, with
+    `loftq_iter` steps, each layer at its own rank and scale), the other linear sites
+    (and the embeddings where `spec.embeddings`) as plain quantization does
+    (`spec.quantize(weight_to_matrix(site, w, lead=1), group_ndim=1)`); leaves already
+    quantized are kept. `spec`: the base's `QuantizeSpec` (None: refused). The delta
+    records the initial factors (`init_a` / `init_b`) as PiSSA's does, so exports over
+    the original float base are W + s (A B - A0 B0).
+    """
+    from jft.quant.loftq import loftq_weight
+    from jft.quant.params import weight_to_matrix
+    from jft.quant.tensor import is_quantized
+
+    if config.init != "loftq":
+        raise JftError(f"loftq_params is for lora init 'loftq', not {config.init!r}")
+    if spec is None:
+        raise JftError(_loftq_refusal())
+    iterations = int(options(config)["loftq_iter"])
+    plans = plan(model, config)
+    sites = {site.name: site for site in linear_sites(model)}
+    layers, factors = dict(base["layers"]), {}
+    for name, weight in base["layers"].items():
+        if name not in sites:
+            continue  # norms, biases
+        site = sites[name]
+        if name in plans:
+            if is_quantized(weight):
+                raise JftError(f"init: loftq needs the float weights of {name}, which is "
+                               "already quantized")
+            p = plans[name]
+            result = loftq_weight(site, weight, spec, p.ranks, p.scales, iterations, lead=1,
+                                  width=p.max_rank)
+            layers[name], factors[name] = result.quantized, (result.a, result.b)
+        elif not is_quantized(weight):
+            layers[name] = spec.quantize(
+                weight_to_matrix(site, np.asarray(weight, np.float32), lead=1), group_ndim=1)
+    top = {key: spec.quantize(np.asarray(value, np.float32))
+           if spec.quantizes((key,), sites) and not is_quantized(value) else value
+           for key, value in base.items() if key != "layers"}
+    quantized = {**top, "layers": layers}
+    return quantized, loftq_delta(quantized, model, config, factors)
+
+
+def loftq_delta(quantized_base: dict, model: ModelConfig, config: LoraConfig,
+                factors: dict) -> dict:
+    """The delta of `init: loftq` from per-module factors a [L, *in, R], b [L, R, *out]
+    (`LoftQResult.a` / `.b` of a stacked weight, or per-layer ones stacked), with the
+    initial factors recorded. DoRA's magnitude is that of the model's initial weight,
+    dequantize(Q) + s A B (read from `quantized_base`, only under DoRA)."""
+    from jft.quant.params import dequantize_weight
+    from jft.quant.tensor import is_quantized
+
+    flat, initial = {}, {}
+    for module, p in plan(model, config).items():
+        site = linear_site(model, module)
+        size_in, size_out = site.sizes(model)
+        a = np.asarray(factors[module][0], np.float32).reshape(model.num_layers, size_in, -1)
+        b = np.asarray(factors[module][1], np.float32).reshape(model.num_layers, -1, size_out)
+        if a.shape[-1] != p.max_rank or b.shape[1] != p.max_rank:
+            raise JftError(f"loftq factors of {module} have rank {a.shape[-1]}, "
+                           f"not the plan's {p.max_rank}")
+        flat[module] = (jnp.asarray(a), jnp.asarray(b))
+        if config.dora:
+            weight = quantized_base["layers"][module]
+            dims_in = site.dims(model)[0]
+            if is_quantized(weight):
+                weight = dequantize_weight(site, weight, dims_in, jnp.float32, lead=1)
+            values = site.to_in_out(jnp.asarray(weight, jnp.float32), lead=1)
+            scales = np.asarray(p.scales, np.float32)[:, None, None]
+            product = (scales * (a @ b)).reshape(values.shape)
+            initial[module] = site.from_in_out(values + product, lead=1)
+    return _assemble({"layers": initial}, model, config, flat, record=True)
 
 
 # ---------------------------------------------------------------- calibration statistics

@@ -55,6 +55,8 @@ from jft.models import ModelConfig
 from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_site, linear_sites
 from jft.models.transformer import logical_axes
 from jft.peft.base import MethodBase, numpy_rng, register, use_kernel
+from jft.quant.params import dequantize_weight, quantize_like, weight_to_matrix
+from jft.quant.tensor import is_quantized
 
 SELECTIONS = ("random", "weight", "activation", "gradient")
 DATA_DRIVEN_SELECTIONS = ("activation", "gradient")
@@ -283,9 +285,17 @@ def permute(base: dict, perms: dict[str, jax.Array], model: ModelConfig,
     axes_of = logical_axes(model)
     layers = dict(base["layers"])
     for name in base["layers"]:
+        quantized = is_quantized(layers[name])
+        if quantized:  # moved as floats, then quantized again with the same settings
+            site = linear_site(model, name)
+            settings = layers[name]
+            layers[name] = dequantize_weight(site, settings, site.dims(model)[0], jnp.float32, 1)
         for axis, logical in enumerate(axes_of.get(name, ())):
             if _ORDER_OF_AXIS.get(logical) in orders:
                 layers[name] = _take(layers[name], orders[_ORDER_OF_AXIS[logical]], axis)
+        if quantized:
+            layers[name] = quantize_like(settings, weight_to_matrix(
+                site, np.asarray(layers[name]), lead=1))
     return dict(base, layers=layers)
 
 
@@ -310,6 +320,9 @@ class S2FT(MethodBase):
 
     def needs_calibration(self, config):
         return config.selection in DATA_DRIVEN_SELECTIONS
+
+    def reads_base_weights(self, config) -> bool:
+        return config.selection != "random"
 
     def init(self, key, base, model, config, calibration_batches=None):
         if config.layout != "permuted":

@@ -29,6 +29,7 @@ from jft.training.data import DataConfig
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 Kernels = Literal["auto", "pallas", "xla"]
+Quantize = Literal["none", "nf4", "fp4", "int8"]  # as jft.quant.QUANTIZE_CHOICES
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd", "adafactor", "lion"]
 
@@ -155,6 +156,10 @@ class TrainConfig:
     compute_dtype: Dtype = "auto"
     remat: Remat = "none"
     kernels: Kernels = "auto"
+    quantize: Quantize = "none"
+    quantize_block: int = _field(64, min=32)
+    double_quant: bool = True
+    quantize_embeddings: bool = False
     objective: str = "sft"  # a name in jft.objectives.OBJECTIVES
     method: MethodSection = dataclasses.field(default_factory=MethodSection)
     data: DataConfig = _required()
@@ -190,6 +195,9 @@ class TrainConfig:
         resolved = self.to_dict()
         if resolved["objective"] == "sft":  # the default: runs from before the key resume
             del resolved["objective"]
+        if resolved["quantize"] == "none":  # likewise, and then the other keys do nothing
+            for key in ("quantize", "quantize_block", "double_quant", "quantize_embeddings"):
+                del resolved[key]
         return fingerprint_of(resolved, FINGERPRINT_EXCLUDED)
 
 
@@ -528,6 +536,11 @@ def _check_combinations(config: TrainConfig, context: _Context, check_paths: boo
     if config.objective not in OBJECTIVES:
         context.fail("objective", f"objective {config.objective!r} is not one of: "
                      f"{', '.join(sorted(OBJECTIVES))}")
+    from jft.quant import BLOCK_SIZES
+
+    if config.quantize_block not in BLOCK_SIZES:
+        context.fail("quantize_block", f"quantize_block={config.quantize_block}; valid: "
+                     f"{', '.join(map(str, BLOCK_SIZES))}")
     if train.warmup_steps > train.steps:
         context.fail(
             "train.warmup_steps",

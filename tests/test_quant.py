@@ -1,0 +1,204 @@
+"""Quantized frozen bases (`jft.quant`): the formats against bitsandbytes and gguf, and a
+quantized model against the float model its dequantized weights make."""
+
+from __future__ import annotations
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from scipy.stats import norm
+
+import jft
+from jft.errors import JftError
+from jft.models import forward
+from jft.peft import create
+from jft.quant import codebooks, dequantize, quantize
+from jft.quant.formats import FORMATS
+from jft.quant.params import dequantize_params, quantized_bytes
+from tests.gguf_writer import write_gguf
+from tests.hf_reference import make_hf_model, save_hf_model
+
+torch = pytest.importorskip("torch")
+bnb = pytest.importorskip("bitsandbytes.functional")
+
+
+def _random(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * rng.uniform(0.05, 3)).astype(np.float32)
+
+
+def test_nf4_is_the_qlora_papers_normal_quantiles():
+    offset = 0.9677083  # QLoRA's, chosen so the extreme levels are +-1 after normalising
+    positive = norm.ppf(np.linspace(offset, 0.5, 9)[:-1])
+    negative = -norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
+    levels = np.sort(np.concatenate([positive, [0.0], negative]))
+    np.testing.assert_allclose(codebooks.NF4, levels / levels.max(), atol=2e-7)
+    assert list(codebooks.NF4) == sorted(codebooks.NF4) and codebooks.NF4[7] == 0
+
+
+def test_codebooks_equal_bitsandbytes():
+    np.testing.assert_array_equal(codebooks.NF4, bnb.get_4bit_type("nf4", device="cpu").numpy())
+    np.testing.assert_array_equal(codebooks.FP4, bnb.get_4bit_type("fp4", device="cpu").numpy())
+    np.testing.assert_array_equal(codebooks.DYNAMIC, bnb.create_dynamic_map().numpy())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(4096,), (999,), (64 * 30 + 7,), (48, 256)],
+                         ids=["aligned", "ragged-odd", "ragged", "matrix"])
+def test_4bit_quantization_is_bitsandbytes_bit_for_bit(kind, shape):
+    x = _random(shape, seed=len(shape) + shape[-1])
+    packed, state = bnb.quantize_4bit(torch.tensor(x), blocksize=64, quant_type=kind)
+    ours = quantize(x.reshape(-1), kind, 64)
+    np.testing.assert_array_equal(ours.codes[:packed.numel()], packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(ours.scales, state.absmax.numpy())
+    np.testing.assert_array_equal(np.asarray(dequantize(ours)),
+                                  bnb.dequantize_4bit(packed, state).numpy().reshape(-1))
+    if len(shape) == 2:  # a weight quantized along its rows: the same bytes, row by row
+        by_rows = quantize(x, kind, 64)
+        np.testing.assert_array_equal(by_rows.codes.reshape(-1), packed.numpy().reshape(-1))
+
+
+@pytest.mark.parametrize("size", [64 * 256 * 3, 64 * 1000 + 13])
+def test_double_quantization_against_bitsandbytes(size):
+    """The second level (scales minus their mean, 8-bit dynamic map, blocks of 256).
+    bitsandbytes' CPU search returns the farther of two neighbouring codes for a few
+    values near a midpoint, and its float32 mean sums in another order: we round to the
+    nearest code, so the codes agree nearly everywhere and ours are never less accurate."""
+    x = _random(size, seed=size)
+    packed, state = bnb.quantize_4bit(torch.tensor(x), blocksize=64, quant_type="nf4",
+                                      compress_statistics=True)
+    plain = quantize(x, "nf4", 64)
+    ours = quantize(x, "nf4", 64, double_quant=True)
+    np.testing.assert_array_equal(ours.codes[:packed.numel()], packed.numpy().reshape(-1))
+    np.testing.assert_allclose(ours.scale_offset, state.offset.item(), rtol=1e-6)
+    np.testing.assert_allclose(ours.scale_absmax, state.state2.absmax.numpy(), rtol=1e-6)
+    assert np.mean(ours.scales == state.absmax.numpy()) > 0.995
+    theirs = bnb.dequantize_blockwise(state.absmax, state.state2).numpy() + state.offset.item()
+    from jft.quant.tensor import dequantize_scales
+
+    mine = np.asarray(dequantize_scales(ours.scales, ours.scale_absmax, ours.scale_offset))
+    assert np.abs(mine - plain.scales).mean() <= np.abs(theirs - plain.scales).mean() * 1.0001
+    # QLoRA's saving: 8 bits per 64 values and 32 per 256 blocks, not 32 per 64 values
+    assert ours.nbytes * 8 / size < 4.16 < 4.5 <= plain.nbytes * 8 / size
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_gguf_formats_dequantize_as_gguf_does(kind):
+    x = _random((6, 96), seed=3)
+    stored = gguf.quants.quantize(x, Q[kind.upper()])
+    codes, scales = FORMATS[kind].split(stored)
+    tensor = quantize(x, kind)
+    np.testing.assert_array_equal(tensor.codes, codes)
+    np.testing.assert_array_equal(tensor.scales, scales)
+    np.testing.assert_array_equal(FORMATS[kind].join(codes, scales), stored)
+    np.testing.assert_array_equal(np.asarray(dequantize(tensor)),
+                                  gguf.quants.dequantize(stored, Q[kind.upper()]))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    save_hf_model("llama", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def nf4_llama(llama_dir):
+    return jft.load(llama_dir, dtype="float32", quantize="nf4", quantize_block=32)
+
+
+def _logits(model, params, adapters=()):
+    config = model.config.replace(dtype="float32", kernels="xla")
+    tokens = np.random.default_rng(0).integers(3, 100, size=(2, 9))
+    return np.asarray(forward(config, params, tokens, adapters=adapters))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(quantize="nf4", quantize_embeddings=True, quantize_block=32),
+    dict(quantize="fp4", double_quant=False), dict(quantize="int8")], ids=str)
+def test_a_quantized_model_is_its_dequantized_float_model(llama_dir, settings):
+    model = jft.load(llama_dir, dtype="float32", **settings)
+    floats = dequantize_params(model.params, model.config)
+    np.testing.assert_allclose(_logits(model, model.params), _logits(model, floats),
+                               rtol=1e-5, atol=1e-5)
+    original = jft.load(llama_dir, dtype="float32")
+    assert quantized_bytes(model.params) < quantized_bytes(original.params) * (
+        0.45 if settings["quantize"] == "int8" else 0.35)
+    assert model.quantization.errors["float32"]  # every weight converted, error measured
+    assert 0 < max(model.quantization.errors["float32"]) < (0.02 if settings["quantize"]
+                                                            == "int8" else 0.15)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("lora", dict(r=4, targets="all-linear")),
+    ("lora", dict(r=4, targets="all-linear", dora=True, rslora=True)),
+    ("ia3", {}), ("prompt_tuning", dict(num_virtual_tokens=3)),
+    ("s2ft", {}),
+])
+def test_methods_train_beside_a_quantized_base(nf4_llama, method, options):
+    """The adapter on the quantized base computes what it computes on the dequantized one."""
+    model = nf4_llama
+    key = jax.random.key(0)
+    base, adapter = create(method, key, model.params, model.config, **options)
+    # S2FT moves the base's units (co-permutation): the base it returns is quantized too
+    assert jax.tree.structure(base) == jax.tree.structure(model.params)
+    floats = dequantize_params(base, model.config)
+    _, on_floats = create(method, key, dequantize_params(model.params, model.config),
+                          model.config, **options)
+    # a delta that changes the output (LoRA's B starts at zero)
+    delta = jax.tree.map(lambda x: x + 0.01, adapter.delta)
+    adapter, on_floats = (a.__class__(delta, a.method, a.config) for a in (adapter, on_floats))
+    np.testing.assert_allclose(_logits(model, base, [adapter]),
+                               _logits(model, floats, [on_floats]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_kernel_computes_the_quantized_linear(nf4_llama):
+    pallas = nf4_llama.config.replace(dtype="float32", kernels="pallas")
+    tokens = np.random.default_rng(1).integers(3, 100, size=(1, 5))
+    fused = forward(pallas, nf4_llama.params, tokens)
+    reference = forward(pallas.replace(kernels="xla"), nf4_llama.params, tokens)
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(reference), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "lisa", "hft", "spiel"])
+def test_methods_that_train_base_weights_refuse_a_quantized_base(nf4_llama, method):
+    model = nf4_llama
+    with pytest.raises(JftError, match=f"method '{method}' trains the base's own weights"):
+        create(method, jax.random.key(0), model.params, model.config)
+
+
+def test_gguf_q8_0_and_q4_0_tensors_are_kept_as_stored(tmp_path):
+    hf_model = make_hf_model("llama")
+    layers = hf_model.config.num_hidden_layers
+    types = {f"blk.{i}.ffn_up.weight": Q.Q4_0 for i in range(layers)}
+    types["blk.1.ffn_down.weight"] = Q.F16  # a site of mixed types is converted whole
+    path = write_gguf(hf_model, tmp_path / "m.gguf", "llama", Q.Q8_0, types)
+    model = jft.load(path, dtype="float32", quantize="nf4", quantize_block=32)
+    assert model.quantization.kept == {"Q8_0": 5 * layers, "Q4_0": layers}
+    assert {kind: len(errors) for kind, errors in model.quantization.errors.items()} == {
+        "Q8_0": layers - 1, "F16": 1}
+    assert model.params["layers"]["up_proj"].format == "q4_0"
+    assert model.params["layers"]["down_proj"].format == "nf4"
+    # the bytes are the file's: decoding them in JAX gives gguf's decoding of the file
+    reference = jft.load(path, dtype="float32")
+    floats = dequantize_params(model.params, model.config)
+    for name in ("q_proj", "k_proj", "up_proj"):  # k: llama.cpp's permuted rows, undone
+        if model.params["layers"][name].format in ("q8_0", "q4_0"):
+            np.testing.assert_array_equal(np.asarray(floats["layers"][name]),
+                                          np.asarray(reference.params["layers"][name]))
+    np.testing.assert_allclose(_logits(model, model.params), _logits(model, floats),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_layers_keep_their_own_double_quantization(nf4_llama):
+    model = nf4_llama
+    weight = model.params["layers"]["q_proj"]
+    layers = model.config.num_layers
+    assert weight.scale_offset.shape == (layers,) and weight.scale_absmax.shape[0] == layers
+    one = jax.tree.map(lambda a: a[1], weight)  # what the layer scan hands layer 1
+    np.testing.assert_array_equal(np.asarray(dequantize(one)),
+                                  np.asarray(dequantize(weight))[1])
+    assert one.codes.dtype == jnp.uint8
