@@ -123,7 +123,7 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
          adapter: str | Path | Sequence[str | Path] | None = None,
          rules: LogicalRules | None = None, quantize: str | None = None,
          quantize_block: int = 64, double_quant: bool = True,
-         quantize_embeddings: bool = False) -> Model:
+         quantize_embeddings: bool = False, loftq=None) -> Model:
     """Loads a bundled name, an HF directory or a `.gguf` file.
 
     adapter: a `python -m jft.train` run directory, whose latest checkpoint's deltas are
@@ -144,9 +144,21 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
     (`double_quant`, QLoRA's), and the embedding table too with `quantize_embeddings`
     (docs/quantization.md). A GGUF file's Q8_0 and Q4_0 tensors are then kept as
     stored; `Model.quantization` reports what was kept and what converted, with its error.
+    loftq: a LoraConfig with `init: loftq`: its targets are quantized by LoftQ from their
+    float weights, and its LoRA adapter comes first in `Model.adapters`.
     """
     from jft.quant.params import component_axes, from_setting
 
+    run_loftq = None
+    if quantize is None and isinstance(adapter, str | Path):  # a run: its base, as it trained
+        from jft.training.config import base_settings
+
+        settings = base_settings(adapter)
+        quantize = settings.get("quantize")
+        quantize_block = settings.get("quantize_block", quantize_block)
+        double_quant = settings.get("double_quant", double_quant)
+        quantize_embeddings = settings.get("quantize_embeddings", quantize_embeddings)
+        run_loftq = settings.get("loftq")
     spec = from_setting(quantize, quantize_block, double_quant, quantize_embeddings)
     default = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype = default if dtype == "auto" else dtype
@@ -159,9 +171,14 @@ def load(model: str | Path, dtype: str = "auto", compute_dtype: str = "auto",
         def sharding(path, shape):
             axes = PARAM_AXES[path[-1]] if path[-1] in PARAM_AXES else component_axes(path)
             return rules.sharding(axes, shape, "/".join(path))
-    checkpoint = load_checkpoint(model, dtype, sharding, spec)
+    # A LoftQ run's base is LoftQ's Q; its adapter comes from the run, not from this load.
+    checkpoint = load_checkpoint(model, dtype, sharding, spec, loftq or run_loftq)
     config = checkpoint.config.replace(dtype=compute_dtype)
     params, adapters, router = checkpoint.params, [], None
+    if loftq is not None:
+        from jft.peft.base import Adapter
+
+        adapters.append(Adapter(checkpoint.loftq_delta, "lora", loftq))
     if isinstance(adapter, list | tuple):  # stacked in order, each over the ones before
         from jft.formats.adapters import load_adapter
 

@@ -70,9 +70,10 @@ def main(argv: list[str]) -> int:
     model_name = args.model or _base_model(adapter)
     import jft
 
-    quantization = _run_quantization(adapter)
-    model = jft.load(model_name, dtype="float32", compute_dtype="float32", adapter=adapter,
-                     **quantization)
+    from jft.training.config import base_settings
+
+    quantization = base_settings(adapter)
+    model = jft.load(model_name, dtype="float32", compute_dtype="float32", adapter=adapter)
     if quantization and args.format in ("merged", "gguf"):
         from jft.quant.params import dequantize_params
 
@@ -168,20 +169,6 @@ def _check_expressible(method: str, format: str) -> None:
     if format not in can:
         raise JftError(f"--format {format} cannot express {method}; {method} exports as "
                        f"{' or '.join(can)}")
-
-
-def _run_quantization(source: Path) -> dict:
-    """The `quantize*` settings of the run `source` is (none for an adapter directory)."""
-    if source.parent.name == "checkpoints":
-        source = source.parents[1]
-    try:
-        run = yaml.safe_load((source / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    if not isinstance(run, dict) or run.get("quantize", "none") == "none":
-        return {}
-    return {key: run[key] for key in ("quantize", "quantize_block", "double_quant",
-                                      "quantize_embeddings") if key in run}
 
 
 def _base_model(source: Path) -> str:

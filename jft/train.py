@@ -128,7 +128,8 @@ class Run:
                              compute_dtype=config.compute_dtype, rules=self.rules,
                              quantize=config.quantize, quantize_block=config.quantize_block,
                              double_quant=config.double_quant,
-                             quantize_embeddings=config.quantize_embeddings)
+                             quantize_embeddings=config.quantize_embeddings,
+                             loftq=self._loftq())
             if model.quantization is not None and self.is_main:
                 print(f"{config.model}: {model.quantization.summary()}", file=sys.stderr)
             self.base_hash = base_fingerprint(model.params)
@@ -221,11 +222,18 @@ class Run:
         self.base = put(base, self.steps.params)
         self.state = self.steps.initial_state
 
+    def _loftq(self):
+        """The LoRA config when its init is LoftQ, which runs as the base is quantized."""
+        method = self.config.method
+        return method.config if getattr(method.config, "init", None) == "loftq" else None
+
     def _create_adapter(self):
         from jft.peft import create
         from jft.training.data import batcher
 
         method = self.config.method
+        if self._loftq() is not None:  # made by the load, beside the quantized base
+            return self.model.params, self.model.adapters.pop(0)
         calibration = None
         if method.needs_calibration:  # a separate pass, so the training order is unchanged
             batches = batcher(self.train_tokens, self.data_config, self.model.tokenizer,

@@ -61,6 +61,27 @@ def test_types_follow_llama_cpp(tmp_path):
     assert _tensor_type("blk.0.attn_q.bias", (64,), Q.Q8_0) == Q.F32
 
 
+def test_q4_0_export_trains_as_stored(tmp_path):
+    """`--quant q4_0` writes llama.cpp's blocks; a quantized load keeps them as they are,
+    and the model computes what the float load of the same file does."""
+    from jft.models import forward
+
+    model = _tiny("llama", tmp_path)
+    path = tmp_path / "q4.gguf"
+    write_gguf_file(model.config, model.params, model.tokenizer, path, quant="q4_0")
+    assert GGUFFile(path).tensors["blk.0.ffn_up.weight"].kind == Q.Q4_0
+    quantized = jft.load(path, dtype="float32", quantize="nf4")
+    floats = jft.load(path, dtype="float32", compute_dtype="float32")
+    layers = model.config.num_layers
+    assert quantized.quantization.kept == {"Q4_0": 7 * layers}
+    assert quantized.params["layers"]["down_proj"].format == "q4_0"
+    tokens = np.arange(3, 12)[None]
+    config = floats.config.replace(kernels="xla")
+    np.testing.assert_allclose(np.asarray(forward(config, quantized.params, tokens)),
+                               np.asarray(forward(config, floats.params, tokens)),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return jft.load("smollm2-135m-instruct", dtype="float32", compute_dtype="float32")

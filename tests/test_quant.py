@@ -3,24 +3,28 @@ quantized model against the float model its dequantized weights make."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 from gguf import GGMLQuantizationType as Q
 from scipy.stats import norm
 
 import jft
-from jft.errors import JftError
+from jft.errors import JftError, run_cli
 from jft.models import forward
 from jft.peft import create
 from jft.quant import codebooks, dequantize, quantize
 from jft.quant.formats import FORMATS
 from jft.quant.params import dequantize_params, quantized_bytes
 from tests.gguf_writer import write_gguf
-from tests.hf_reference import make_hf_model, save_hf_model
+from tests.hf_reference import make_hf_model, save_hf_model, save_tiny_smollm2
 
+ROOT = Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes.functional")
 
@@ -202,3 +206,94 @@ def test_stacked_layers_keep_their_own_double_quantization(nf4_llama):
     np.testing.assert_array_equal(np.asarray(dequantize(one)),
                                   np.asarray(dequantize(weight))[1])
     assert one.codes.dtype == jnp.uint8
+
+
+def test_a_loftq_qlora_run_trains_loads_and_exports_as_it_trained(tmp_path):
+    """`quantize: nf4` and `init: loftq` from the command line: LoftQ runs as the base is
+    quantized; loading the run quantizes its base the same way; a merged export folds the
+    adapter into the dequantized weights, so the exported model is the run's model."""
+    from jft import export, train
+
+    model = save_tiny_smollm2(tmp_path / "tiny")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model), "quantize": "nf4", "quantize_block": 32,
+        "method": {"name": "lora", "r": 4, "alpha": 8, "targets": "all-linear",
+                   "init": "loftq", "init_options": {"loftq_iter": 2}},
+        "data": {"train": str(ROOT / "examples/quickstart/train.jsonl"),
+                 "format": "prompt_completion", "max_length": 48},
+        "train": {"steps": 3, "batch_size": 2, "learning_rate": 5e-3},
+        "checkpoint": {"every": 3}, "output_dir": str(tmp_path / "run")}))
+    assert run_cli(lambda args: train.fine_tune(args[0]) and 0, [str(config)]) == 0
+    run = jft.load(model, adapter=tmp_path / "run", dtype="float32")
+    assert run.params["layers"]["q_proj"].format == "nf4"
+    out = tmp_path / "merged"
+    assert export.main([str(tmp_path / "run"), "--format", "merged", "--dtype", "fp32",
+                        "--out", str(out)]) == 0
+    merged = jft.load(out, dtype="float32")
+    tokens = np.random.default_rng(0).integers(3, 100, size=(1, 7))
+    np.testing.assert_allclose(
+        np.asarray(forward(merged.config, merged.params, tokens)),
+        np.asarray(forward(run.config.replace(kernels="xla"), run.params, tokens,
+                           adapters=run.adapters)), rtol=1e-5, atol=1e-5)
+    # a float base was never what it trained on
+    float_run = jft.load(model, adapter=tmp_path / "run", dtype="float32", quantize="none")
+    assert not np.allclose(np.asarray(forward(float_run.config, float_run.params, tokens,
+                                              adapters=float_run.adapters)),
+                           np.asarray(forward(merged.config, merged.params, tokens)), atol=1e-3)
+
+
+def test_loftq_needs_a_quantized_base_in_the_config(tmp_path):
+    from jft.training.config import from_dict
+
+    with pytest.raises(JftError, match="method.init: loftq needs a quantized base"):
+        from_dict({"model": "smollm2-135m-instruct", "output_dir": str(tmp_path),
+                   "method": {"name": "lora", "init": "loftq"},
+                   "data": {"train": "x.jsonl"}}, check_paths=False)
+
+
+_MESH_SCRIPT = """
+import sys
+import jax, numpy as np, optax
+import jft
+from jft.peft import create
+from jft.sharding import MeshConfig, make_rules
+from jft.training.step import ShardedSteps
+
+def step_loss(rules):
+    model = jft.load(sys.argv[1], dtype="float32", quantize="nf4", quantize_block=32,
+                     rules=rules)
+    base, adapter = create("lora", jax.random.key(0), model.params, model.config, r=4,
+                           targets="all-linear")
+    steps = ShardedSteps(model.config.replace(kernels="xla"), optax.sgd(0.1), rules, base,
+                         [adapter], 0)
+    tokens = np.random.default_rng(0).integers(3, 100, size=(8, 12)).astype(np.int32)
+    batch = {"tokens": tokens, "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1)),
+             "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens, bool)}
+    state, first = steps.train(steps.initial_state, base, batch)
+    _, second = steps.train(state, base, batch)
+    return model.params, float(first["loss"]), float(second["loss"])
+
+params, *mesh_losses = step_loss(make_rules(MeshConfig(fsdp=4, tensor=2), jax.devices()))
+codes = params["layers"]["q_proj"].codes
+assert not codes.sharding.is_fully_replicated, codes.sharding
+assert len({s.data.shape for s in codes.addressable_shards}) == 1
+_, *one_losses = step_loss(make_rules(MeshConfig(fsdp=1), jax.devices()[:1]))
+np.testing.assert_allclose(mesh_losses, one_losses, rtol=2e-4)
+print("ok", codes.sharding.spec, mesh_losses)
+"""
+
+
+def test_qlora_trains_on_a_mesh_as_on_one_device(llama_dir):
+    """A quantized base shards like the float one (codes and scales on the weight's
+    logical axes): two LoRA steps on a 4 x 2 (fsdp, tensor) mesh of virtual devices give
+    one device's losses."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(llama_dir)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

@@ -12,6 +12,7 @@ a model larger than one host or one device loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -53,6 +54,7 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     source: Path
     quantization: QuantizationReport | None = None
+    loftq_delta: dict | None = None  # LoRA's delta of `init: loftq`, made as it quantized
 
 
 @dataclass
@@ -75,7 +77,7 @@ class QuantizationReport:
 
 def load_checkpoint(model: str | Path, dtype: str = "float32",
                     sharding: ShardingFn | None = None,
-                    quantize: QuantizeSpec | None = None) -> Checkpoint:
+                    quantize: QuantizeSpec | None = None, loftq=None) -> Checkpoint:
     """Loads a bundled name, an HF directory or a `.gguf` file with params in `dtype`.
 
     `sharding(path, shape)` places each leaf, e.g. `("layers", "q_proj")` of its global
@@ -83,12 +85,40 @@ def load_checkpoint(model: str | Path, dtype: str = "float32",
     only what its addressable devices hold. None: every leaf on the default device.
     `quantize`: the linear weights (and with `embeddings` the tables) are quantized a
     layer at a time as they are read (`jft.quant`), a GGUF file's Q8_0 and Q4_0 tensors
-    kept as stored.
+    kept as stored. `loftq`: a LoraConfig with `init: loftq`, whose targets are quantized
+    by LoftQ from their float weights (`jft.quant.loftq`); its delta is `loftq_delta`.
     """
     path = resolve(model)
+    if loftq is not None and quantize is None:
+        from jft.peft.lora_inits import LOFTQ_NEEDS_QUANTIZED
+
+        raise JftError(LOFTQ_NEEDS_QUANTIZED)
+    building = _Building(quantize, loftq)
     if path.suffix == ".gguf":
-        return _load_gguf(path, jnp.dtype(dtype), sharding, quantize)
-    return _load_hf_dir(path, jnp.dtype(dtype), sharding, quantize)
+        checkpoint = _load_gguf(path, jnp.dtype(dtype), sharding, building)
+    else:
+        checkpoint = _load_hf_dir(path, jnp.dtype(dtype), sharding, building)
+    if loftq is not None:
+        from jft.peft.lora_inits import loftq_delta
+
+        checkpoint.loftq_delta = loftq_delta(checkpoint.params, checkpoint.config, loftq,
+                                             building.factors)
+    return checkpoint
+
+
+@dataclass
+class _Building:
+    """How the params are built: quantized (`quantize`), LoftQ's targets (`loftq`), and
+    what that produced beside the params (the report, LoftQ's factors per module)."""
+
+    quantize: QuantizeSpec | None
+    loftq: Any = None
+    report: QuantizationReport | None = None
+    factors: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.quantize is not None:
+            self.report = QuantizationReport(self.quantize.format, {}, {})
 
 
 def resolve(model: str | Path) -> Path:
@@ -114,7 +144,7 @@ def resolve(model: str | Path) -> Path:
 
 
 def _load_hf_dir(directory: Path, dtype, sharding: ShardingFn | None,
-                 quantize: QuantizeSpec | None) -> Checkpoint:
+                 building: _Building) -> Checkpoint:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise JftError(f"{directory}: no config.json; an HF model directory needs one")
@@ -141,10 +171,9 @@ def _load_hf_dir(directory: Path, dtype, sharding: ShardingFn | None,
         kind=lambda name: str(file_of(name).tensors[rename(name)].dtype),
     )
     config = config.replace(tie_embeddings=tied)
-    report = quantize and QuantizationReport(quantize.format, {}, {})
-    params = _build_params(config, dtype, reader, sharding, quantize, report)
+    params = _build_params(config, dtype, reader, sharding, building)
     return Checkpoint(config, params, _with_chat_template(_dir_tokenizer(directory), config),
-                      directory, report)
+                      directory, building.report)
 
 
 def _safetensors_files(directory: Path) -> list[SafetensorsFile]:
@@ -210,7 +239,7 @@ def _dir_tokenizer(directory: Path) -> Tokenizer | None:
 
 
 def _load_gguf(path: Path, dtype, sharding: ShardingFn | None,
-               quantize: QuantizeSpec | None) -> Checkpoint:
+               building: _Building) -> Checkpoint:
     from jft.text.tokenizer import load_tokenizer_from_gguf
 
     gguf_file = GGUFFile(path)
@@ -261,10 +290,9 @@ def _load_gguf(path: Path, dtype, sharding: ShardingFn | None,
     reader = _Reader(name_of=lambda source: source.gguf, shape=shape, read=read,
                      describe=lambda name: f"{path}: tensor {name!r}",
                      kind=lambda name: tensors[name].kind.name, read_stored=read_stored)
-    report = quantize and QuantizationReport(quantize.format, {}, {})
-    params = _build_params(config, dtype, reader, sharding, quantize, report)
+    params = _build_params(config, dtype, reader, sharding, building)
     tokenizer = _with_chat_template(load_tokenizer_from_gguf(fields, path), config)
-    return Checkpoint(config, params, tokenizer, path, report)
+    return Checkpoint(config, params, tokenizer, path, building.report)
 
 
 def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tokenizer | None:
@@ -368,12 +396,17 @@ class _Shards:
 
 
 def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: ShardingFn | None,
-                  quantize: QuantizeSpec | None = None,
-                  report: QuantizationReport | None = None) -> dict[str, Any]:
+                  building: _Building | None = None) -> dict[str, Any]:
     """Every leaf of `param_shapes(config)`, placed by `sharding` (None: default device)."""
     shapes = param_shapes(config)
     sources = layer_sources(config)
     sites = {site.name: site for site in linear_sites(config)}
+    building = building or _Building(None)
+    quantize, report = building.quantize, building.report
+    if building.loftq is not None:
+        from jft.peft.lora import plan
+
+        loftq_plans = plan(config, building.loftq)
 
     def shards(path: tuple[str, ...], shape) -> _Shards:
         return _Shards(shape, dtype, sharding(path, tuple(shape)) if sharding else None)
@@ -394,11 +427,15 @@ def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: Shardin
     for key, shape in shapes["layers"].items():
         if quantize is not None and quantize.quantizes(("layers", key), sites):
             names = [reader.name_of(sources[key]).format(i=i) for i in range(config.num_layers)]
+            site_layout = (sources[key].layout, sites[key], config)
+            if building.loftq is not None and key in loftq_plans:
+                layers = _loftq_layers(reader, names, site_layout, building, loftq_plans[key])
+                params["layers"][key] = _place_quantized(layers, ("layers", key), sharding)
+                continue
             # Layers stack into one array: a site's stored formats are kept only if they
             # are all the same (a Q4_K_M file mixes Q4_K and Q6_K layers).
             keep = len({reader.kind(name) for name in names}) == 1
-            layers = [_quantized_matrix(reader, name, (sources[key].layout, sites[key], config),
-                                        quantize, report, keep)
+            layers = [_quantized_matrix(reader, name, site_layout, quantize, report, keep)
                       for name in names]
             params["layers"][key] = _place_quantized(layers, ("layers", key), sharding)
             continue
@@ -426,6 +463,31 @@ def _quantized_matrix(reader: _Reader, name: str, site_layout, quantize: Quantiz
     tensor = quantize.quantize(values)
     report.errors.setdefault(kind, []).append(error_of(values, tensor))
     return tensor
+
+
+def _loftq_layers(reader: _Reader, names: list[str], site_layout, building: _Building,
+                  module_plan) -> list[QuantizedTensor]:
+    """A LoftQ target's layers, each quantized with its LoRA factors from its float
+    values (a GGUF file's own, when it stores them quantized); the factors are kept in
+    `building.factors` for the delta."""
+    from jft.peft.lora_inits import options
+    from jft.quant.loftq import loftq
+
+    layout, site, config = site_layout
+    iterations = int(options(building.loftq)["loftq_iter"])
+    layers, factors_a, factors_b = [], [], []
+    for i, name in enumerate(names):
+        values = weight_to_matrix(site, layout.to_jft(
+            reader.read(name, (0, reader.shape(name)[0]), None), config))
+        result = loftq(values, building.quantize, module_plan.ranks[i], module_plan.scales[i],
+                       iterations, lead=0, width=module_plan.max_rank)
+        building.report.errors.setdefault(reader.kind(name), []).append(
+            error_of(values, result.quantized))
+        layers.append(result.quantized)
+        factors_a.append(result.a)
+        factors_b.append(result.b)
+    building.factors[site.name] = (np.stack(factors_a), np.stack(factors_b))
+    return layers
 
 
 def _split_rows(tensor: QuantizedTensor, out_dims: tuple[int, ...]) -> QuantizedTensor:

@@ -198,10 +198,10 @@ LOFTQ_NEEDS_QUANTIZED = "init: loftq needs a quantized base (quantize: nf4|fp4|i
 
 
 def _loftq_refusal() -> str:
-    return (f"{LOFTQ_NEEDS_QUANTIZED}, and is computed as it is quantized, from the float "
-            "weights (which a quantized base no longer has): the loader runs it "
-            "(jft.peft.lora_inits.loftq_params(float_base, model, config, quantize_spec), or "
-            "jft.quant.loftq.loftq_weight per weight), not an init over a loaded base")
+    return (f"{LOFTQ_NEEDS_QUANTIZED}, and runs as the base is quantized, from its float "
+            "weights (which a quantized base no longer has): set quantize in the run's "
+            "config, or call jft.load(model, quantize='nf4', loftq=lora_config), whose "
+            "LoRA adapter comes first in Model.adapters")
 
 
 def loftq_params(base: dict, model: ModelConfig, config: LoraConfig, spec) -> tuple[dict, dict]:

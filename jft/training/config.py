@@ -201,6 +201,30 @@ class TrainConfig:
         return fingerprint_of(resolved, FINGERPRINT_EXCLUDED)
 
 
+def base_settings(run: Path) -> dict[str, Any]:
+    """How the run at `run` (a `python -m jft.train` directory, or a checkpoint in it)
+    loaded its base, as `jft.load` keywords: its `quantize*` keys, and `loftq` (the
+    LoRA config) when LoftQ chose the quantized weights. {} for a float base, or for
+    anything that is not a run."""
+    run = Path(run)
+    if run.parent.name == "checkpoints":
+        run = run.parents[1]
+    try:
+        raw, _ = read_config_file(str(run / "config.yaml"))
+        raw.pop("fingerprint", None)  # the run directory's record (run_dir.py)
+        config = from_dict(raw, check_paths=False)
+    except (JftError, OSError):
+        return {}
+    if config.quantize == "none":
+        return {}
+    settings = dict(quantize=config.quantize, quantize_block=config.quantize_block,
+                    double_quant=config.double_quant,
+                    quantize_embeddings=config.quantize_embeddings)
+    if getattr(config.method.config, "init", None) == "loftq":
+        settings["loftq"] = config.method.config
+    return settings
+
+
 def fingerprint_of(resolved: dict, excluded: Sequence[str]) -> str:
     """A stable hash of a resolved config without its `excluded` dotted keys."""
     resolved = json.loads(json.dumps(resolved))  # a copy to prune
@@ -538,6 +562,9 @@ def _check_combinations(config: TrainConfig, context: _Context, check_paths: boo
                      f"{', '.join(sorted(OBJECTIVES))}")
     from jft.quant import BLOCK_SIZES
 
+    if getattr(config.method.config, "init", None) == "loftq" and config.quantize == "none":
+        context.fail("method.init", "method.init: loftq needs a quantized base: set quantize "
+                     "(nf4, fp4 or int8)")
     if config.quantize_block not in BLOCK_SIZES:
         context.fail("quantize_block", f"quantize_block={config.quantize_block}; valid: "
                      f"{', '.join(map(str, BLOCK_SIZES))}")
