@@ -54,12 +54,31 @@ LLAMA3_8B = {
 GIB = 2**30
 
 
+def _q4_0_file(name: str, directory: Path) -> Path:
+    """The model written as a Q4_0 GGUF (`python -m jft.export --format gguf --quant
+    q4_0` does the same), for the GGUF-native path: its Q4_0 tensors load as stored."""
+    from jft.formats.gguf_export import write_gguf_file
+
+    model = jft.load(name, dtype="float32")
+    path = directory / f"{name}-q4_0.gguf"
+    write_gguf_file(model.config, model.params, model.tokenizer, path, quant="q4_0")
+    return path
+
+
 def bases_and_steps(args) -> list[dict]:
+    import tempfile
+
     results = []
+    scratch = Path(tempfile.mkdtemp())
     for name in args.models:
         base_bytes = base_peak = base_time = None
-        for label, settings in SETTINGS.items():
-            model = jft.load(name, dtype="bfloat16", compute_dtype="bfloat16", **settings)
+        settings_of = dict(SETTINGS)
+        settings_of["gguf q4_0, kept"] = dict(quantize="nf4", quantize_embeddings=True)
+        for label, settings in settings_of.items():
+            if args.labels and label not in args.labels:
+                continue
+            source = _q4_0_file(name, scratch) if label.startswith("gguf") else name
+            model = jft.load(source, dtype="bfloat16", compute_dtype="bfloat16", **settings)
             size = quantized_bytes(model.params)
             batch = methods.random_batch(model.config.vocab_size, args.batch_size,
                                          args.seq_len, 0)
@@ -155,12 +174,15 @@ def main() -> None:
     parser.add_argument("--remat", default="full", choices=methods.REMAT,
                         help="full: QLoRA's gradient checkpointing (the 8B check uses it too)")
     parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--json", type=Path, help="where to write the results")
+    parser.add_argument("--labels", nargs="*", help="only these bases (e.g. bf16 'gguf q4_0, "
+                        "kept'); the ratios are then to the first one measured")
     args = parser.parse_args()
     args = types.SimpleNamespace(**vars(args), seed=0, learning_rate=1e-4)  # as measure reads
     results = bases_and_steps(args)
     if not args.skip_8b:
         results += llama3_8b_fit()
-    out = Path(__file__).parent / "results" / f"quantized_{datetime.date.today()}.json"
+    out = args.json or Path(__file__).parent / "results" / f"quantized_{datetime.date.today()}.json"
     out.write_text(json.dumps(results, indent=1, default=float))
     print(f"wrote {out}")
 

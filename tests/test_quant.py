@@ -243,13 +243,17 @@ def test_a_loftq_qlora_run_trains_loads_and_exports_as_it_trained(tmp_path):
                            np.asarray(forward(merged.config, merged.params, tokens)), atol=1e-3)
 
 
-def test_loftq_needs_a_quantized_base_in_the_config(tmp_path):
+@pytest.mark.parametrize("keys, message", [
+    ({"method": {"name": "lora", "init": "loftq"}}, "method.init: loftq needs a quantized base"),
+    ({"quantize": "nf5"}, "quantize"),
+    ({"quantize": "nf4", "quantize_block": 48}, "quantize_block=48; valid: 32, 64"),
+], ids=["loftq-without-quantize", "format", "block"])
+def test_quantization_keys_are_checked_with_the_config(tmp_path, keys, message):
     from jft.training.config import from_dict
 
-    with pytest.raises(JftError, match="method.init: loftq needs a quantized base"):
+    with pytest.raises(JftError, match=message):
         from_dict({"model": "smollm2-135m-instruct", "output_dir": str(tmp_path),
-                   "method": {"name": "lora", "init": "loftq"},
-                   "data": {"train": "x.jsonl"}}, check_paths=False)
+                   "data": {"train": "x.jsonl"}, **keys}, check_paths=False)
 
 
 _MESH_SCRIPT = """

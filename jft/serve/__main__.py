@@ -49,6 +49,11 @@ def build_parser() -> ArgumentParser:
                         help="the decode step's multi-LoRA kernel: pallas, xla, or auto (the "
                         "kernel where benchmarks/kernels.py measured it faster) "
                         "(default: %(default)s)")
+    parser.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
+                        help="store the base's linear weights quantized, as a QLoRA run "
+                        "trained on them (docs/quantization.md) (default: %(default)s)")
+    parser.add_argument("--quantize-embeddings", action="store_true",
+                        help="with --quantize: the embedding table too")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -104,7 +109,8 @@ def main(argv: list[str]) -> int:
     from jft.serve.engine import Engine, EngineSettings
     from jft.serve.metrics import Metrics
 
-    model = jft.load(args.model, dtype=args.dtype)
+    model = jft.load(args.model, dtype=args.dtype, quantize=args.quantize,
+                     quantize_embeddings=args.quantize_embeddings)
     model.config = model.config.replace(kernels=args.kernels)
     config, params = model.config, model.params
     model._require_tokenizer()
