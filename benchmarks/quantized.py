@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import sys
@@ -150,7 +151,8 @@ def llama3_8b_fit() -> list[dict]:
         delta = jax.eval_shape(make_delta, base)
         adapters = [Adapter(delta, "lora", lora_config)]
         optimizer = masked_optimizer(optax.adamw(1e-4), adapters)
-        state = jax.eval_shape(lambda a: init_state(a, optimizer, 0), adapters)
+        state = jax.eval_shape(functools.partial(init_state, optimizer=optimizer, seed=0),
+                               adapters)
         compiled = jax.jit(_train_step, static_argnums=(0, 1), donate_argnums=2).lower(
             config, optimizer, state, base, batch).compile()
         stats = compiled.memory_analysis()

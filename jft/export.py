@@ -69,7 +69,6 @@ def main(argv: list[str]) -> int:
     storage.check_creatable(partial if out.exists() else out, "--out")
     model_name = args.model or _base_model(adapter)
     import jft
-
     from jft.training.config import base_settings
 
     quantization = base_settings(adapter)

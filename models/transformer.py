@@ -427,8 +427,11 @@ class Linear:
 class QuantizedLinear(Linear):
     """A linear whose base weight is stored quantized (`jft.quant`). `weight` is the
     dequantized weight in the compute dtype, made where a hook asks for it, inside the
-    layer scan, so at most one layer's weights are ever dequantized; the plain base
-    linear is the fused dequantize-and-matmul kernel under `kernels: pallas`."""
+    layer scan. The plain base linear dequantizes under `jax.checkpoint`: the backward
+    pass dequantizes again rather than keeping every layer's float weight from the
+    forward (as residuals of the scan, they would be the whole float base), so at most
+    one layer's weights are dequantized at a time; under `kernels: pallas` it is the
+    fused dequantize-and-matmul kernel, which never writes the float weight at all."""
 
     def __init__(self, site, quantized_weight: QuantizedTensor, bias, hooks, pairs=(),
                  weight=None):
@@ -447,6 +450,10 @@ class QuantizedLinear(Linear):
             y = quant_matmul(x.reshape(math.prod(lead), -1), self.quantized_weight_matrix)
             y = y.reshape(*lead, *self.site.dims(self.hooks.config)[1])
             return y if self.bias is None else y + self.bias.astype(x.dtype)
+        if self.is_plain:
+            y = _dequantized_matmul(self.site, self.site.dims(self.hooks.config)[0], x,
+                                    self.quantized_weight)
+            return y if self.bias is None else y + self.bias.astype(x.dtype)
         return super().__call__(x)
 
     @property
@@ -463,6 +470,14 @@ class QuantizedLinear(Linear):
     def with_hooks(self, hooks: LayerHooks) -> Linear:
         return QuantizedLinear(self.site, self.quantized_weight, self.bias, hooks, self.pairs,
                                self.weight)
+
+
+@partial(jax.checkpoint, static_argnums=(0, 1))
+def _dequantized_matmul(site: LinearSite, in_dims, x, weight: QuantizedTensor):
+    """x through the site's einsum with the weight dequantized in x's dtype; saves only
+    its inputs for the backward pass."""
+    return jnp.einsum(site.equation, x,
+                      quantized.dequantize_weight(site, weight, in_dims, x.dtype))
 
 
 def _use_kernel(name: str, config: ModelConfig) -> bool:

@@ -330,7 +330,7 @@ def test_needs_a_quantized_base(weights, loftq_base):
     with pytest.raises(JftError, match=r"init: loftq needs a quantized base \(quantize: "
                                        r"nf4\|fp4\|int8\)"):
         create("lora", jax.random.key(0), weights, MODEL, config=LOFTQ)
-    with pytest.raises(JftError, match="needs a quantized base .* from the float weights"):
+    with pytest.raises(JftError, match="needs a quantized base .* from its float weights"):
         LORA.init(jax.random.key(0), loftq_base[0], MODEL, LOFTQ)
     with pytest.raises(JftError, match="needs a quantized base"):
         create("lora", jax.random.key(0), loftq_base[0], MODEL, config=LOFTQ)

@@ -301,3 +301,42 @@ def test_qlora_trains_on_a_mesh_as_on_one_device(llama_dir):
     done = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(llama_dir)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_training_step_holds_one_layer_dequantized_at_a_time():
+    """The promise of a quantized base: the train step's temporaries are what the float
+    model's are, never every layer's dequantized weight (the layer scan would keep them
+    all for the backward pass, unless the dequantization is recomputed there)."""
+    import optax
+
+    from jft.models import config_from_hf
+    from jft.models.sites import linear_sites
+    from jft.models.transformer import init_params
+    from jft.peft.optim import masked_optimizer
+    from jft.quant.params import weight_to_matrix
+    from jft.training.step import _train_step, init_state
+
+    config = config_from_hf({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64,
+        "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True}, "wide").replace(dtype="float32", kernels="xla")
+    floats = init_params(config, jax.random.key(0))
+    sites = {site.name: site for site in linear_sites(config)}
+    nf4 = dict(floats, layers={
+        key: quantize(weight_to_matrix(sites[key], np.asarray(value), 1), "nf4", 64, True, 1)
+        if key in sites else value for key, value in floats["layers"].items()})
+    nf4 = jax.tree.map(jnp.asarray, nf4)
+    batch = {"tokens": np.ones((1, 8), np.int32), "positions": np.arange(8, dtype=np.int32)[None],
+             "segment_ids": np.ones((1, 8), np.int32), "loss_mask": np.ones((1, 8), bool)}
+    one_layer = sum(value[0].nbytes for key, value in floats["layers"].items() if key in sites)
+    temporaries = {}
+    for name, base in (("float", floats), ("nf4", nf4)):
+        _, adapter = create("lora", jax.random.key(0), base, config, r=4, targets="all-linear")
+        optimizer = masked_optimizer(optax.sgd(0.1), [adapter])
+        state = init_state([adapter], optimizer, 0)
+        compiled = jax.jit(_train_step, static_argnums=(0, 1)).lower(
+            config, optimizer, state, base, batch).compile()
+        temporaries[name] = compiled.memory_analysis().temp_size_in_bytes
+    assert temporaries["nf4"] < 1.05 * temporaries["float"]
+    assert temporaries["nf4"] < 2 * one_layer < config.num_layers * one_layer
