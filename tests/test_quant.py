@@ -340,3 +340,19 @@ def test_a_training_step_holds_one_layer_dequantized_at_a_time():
         temporaries[name] = compiled.memory_analysis().temp_size_in_bytes
     assert temporaries["nf4"] < 1.05 * temporaries["float"]
     assert temporaries["nf4"] < 2 * one_layer < config.num_layers * one_layer
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(llama_dir, tmp_path, quantize):
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] += 32
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(JftError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj"
+                                       r".weight' has shape \[96, 64\], which does not fit the "
+                                       r"config \(expected \[128, 64\]\)"):
+        jft.load(broken, dtype="float32", quantize=quantize)

@@ -417,6 +417,7 @@ def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: Shardin
             continue
         if quantize is not None and quantize.quantizes((key,), sites):
             name = reader.name_of(TOP_LEVEL[key])
+            _check_shape(reader, name, TOP_LEVEL[key].layout.checkpoint_shape(shape))
             matrix = _quantized_matrix(reader, name, None, quantize, report)
             params[key] = _place_quantized([matrix], (key,), sharding, stacked=False)
             continue
@@ -427,6 +428,8 @@ def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: Shardin
     for key, shape in shapes["layers"].items():
         if quantize is not None and quantize.quantizes(("layers", key), sites):
             names = [reader.name_of(sources[key]).format(i=i) for i in range(config.num_layers)]
+            for name in names:
+                _check_shape(reader, name, sources[key].layout.checkpoint_shape(shape[1:]))
             site_layout = (sources[key].layout, sites[key], config)
             if building.loftq is not None and key in loftq_plans:
                 layers = _loftq_layers(reader, names, site_layout, building, loftq_plans[key])
@@ -443,6 +446,12 @@ def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: Shardin
         _fill_layers(reader, sources[key], leaf, config)
         params["layers"][key] = leaf.array()
     return params
+
+
+def _check_shape(reader: _Reader, name: str, expected: tuple[int, ...]) -> None:
+    if tuple(reader.shape(name)) != tuple(expected):
+        raise JftError(f"{reader.describe(name)} has shape {list(reader.shape(name))}, which "
+                       f"does not fit the config (expected {list(expected)})")
 
 
 def _quantized_matrix(reader: _Reader, name: str, site_layout, quantize: QuantizeSpec,
@@ -550,12 +559,8 @@ def _read_parts(reader: _Reader, name: str, layout: Layout, shape, parts: list[R
                 config: ModelConfig) -> dict[Ranges, np.ndarray]:
     """jft[part] for each part of the leaf of `shape` held in tensor `name`, reading each
     range of checkpoint rows once for all the parts that lie in it."""
-    expected = layout.checkpoint_shape(tuple(shape))
-    if parts and tuple(reader.shape(name)) != expected:
-        raise JftError(
-            f"{reader.describe(name)} has shape {list(reader.shape(name))}, which does not "
-            f"fit the config (expected {list(expected)})"
-        )
+    if parts:
+        _check_shape(reader, name, layout.checkpoint_shape(tuple(shape)))
     by_rows = defaultdict(list)
     for part in parts:
         rows, *columns = layout.checkpoint_ranges(part, config)  # a 1-D tensor has no columns
