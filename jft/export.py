@@ -69,17 +69,15 @@ def main(argv: list[str]) -> int:
     storage.check_creatable(partial if out.exists() else out, "--out")
     model_name = args.model or _base_model(adapter)
     import jft
-    from jft.training.config import base_settings
-
-    quantization = base_settings(adapter)
+    # A run's base loads quantized as it trained (`jft.load` reads the run's keys).
     model = jft.load(model_name, dtype="float32", compute_dtype="float32", adapter=adapter)
-    if quantization and args.format in ("merged", "gguf"):
+    if model.quantization is not None and args.format in ("merged", "gguf"):
         from jft.quant.params import dequantize_params
 
         # PEFT's merge of a QLoRA adapter does the same: the weights the adapter was
         # trained against are the dequantized ones, not the original floats.
         model.params = dequantize_params(model.params, model.config)
-        print(f"the run trained on a {quantization['quantize']} base: its adapter is folded "
+        print(f"the run trained on a {model.quantization.format} base: its adapter is folded "
               "into the dequantized weights, written as floats", file=sys.stderr)
     for a in model.adapters:
         _check_expressible(a.method, args.format)

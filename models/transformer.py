@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jft.models import attention as attention_blocks
 from jft.models.config import ModelConfig
 from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_sites
+from jft.pallas_kernels import use_kernel
 from jft.quant import params as quantized
 from jft.quant.tensor import QuantizedTensor, dequantize, is_quantized
 from jft.sharding.logical import constrain
@@ -443,7 +444,7 @@ class QuantizedLinear(Linear):
         super().__init__(site, weight, bias, hooks, pairs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.is_plain and _use_kernel("quant_matmul", self.hooks.config):
+        if self.is_plain and use_kernel("quant_matmul", self.hooks.config):
             from jft.pallas_kernels.quant_matmul import quant_matmul
 
             lead = x.shape[:len(self.site.lead)]
@@ -478,12 +479,6 @@ def _dequantized_matmul(site: LinearSite, in_dims, x, weight: QuantizedTensor):
     its inputs for the backward pass."""
     return jnp.einsum(site.equation, x,
                       quantized.dequantize_weight(site, weight, in_dims, x.dtype))
-
-
-def _use_kernel(name: str, config: ModelConfig) -> bool:
-    from jft.pallas_kernels import use_pallas
-
-    return use_pallas(name, config.kernels)
 
 
 def transformer_block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):

@@ -33,6 +33,19 @@ MEASURED_FASTER: dict[str, frozenset[str]] = {
 }
 
 
+def use_kernel(kernel: str, model) -> bool:
+    """Whether `kernel` runs as its fused Pallas kernel in a model of this ModelConfig
+    (`model.kernels`). The kernels compute whole arrays on one device, so under a
+    multi-device mesh the XLA path runs instead: its einsums are what the sharding rules
+    partition."""
+    from jft.sharding.logical import active_rules
+
+    rules = active_rules()
+    if rules is not None and rules.mesh.size > 1:
+        return False
+    return use_pallas(kernel, model.kernels)
+
+
 def use_pallas(kernel: str, setting: str) -> bool:
     """Whether `kernel` runs as its Pallas kernel under the `kernels` setting."""
     if setting not in KERNEL_SETTINGS:

@@ -23,8 +23,7 @@ import numpy as np
 from jft.errors import ConfigValueError, JftError
 from jft.models import ModelConfig
 from jft.models.sites import LinearSite, linear_sites
-from jft.pallas_kernels import use_pallas
-from jft.sharding.logical import active_rules
+from jft.pallas_kernels import use_kernel  # noqa: F401  (methods import it from here)
 
 Delta = dict[str, Any]
 
@@ -338,18 +337,6 @@ def as_targets(value) -> Targets:
     if isinstance(value, Targets):
         return value
     return Targets(value if isinstance(value, str) else tuple(value))
-
-
-def use_kernel(kernel: str, model: ModelConfig) -> bool:
-    """Whether a method runs `kernel` as its fused Pallas kernel (`model.kernels`).
-
-    The kernels compute whole arrays on one device, so under a multi-device mesh the
-    XLA path runs instead: its einsums are what the sharding rules partition.
-    """
-    rules = active_rules()
-    if rules is not None and rules.mesh.size > 1:
-        return False
-    return use_pallas(kernel, model.kernels)
 
 
 def numpy_rng(key: jax.Array) -> np.random.Generator:
