@@ -111,7 +111,7 @@ def _evaluator(model, tasks):
                                                            strict=True)]))
         total = count = 0.0
         for batch in batcher(general_tokens, general, model.tokenizer, 8, split="eval"):
-            loss, targets = held_out(candidate.params, tuple(candidate.adapters), batch)
+            loss, targets, _ = held_out(candidate.params, tuple(candidate.adapters), batch)
             total, count = total + float(loss), count + int(targets)
         out["general_ppl"] = float(np.exp(total / count))
         return out

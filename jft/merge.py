@@ -185,7 +185,7 @@ def _held_out(model, params, path: str, data_format: str) -> float:
     step = jax.jit(lambda p, b: SFT.held_out(model.config, p, (), b))
     total = count = 0.0
     for batch in make_batches(tokens, data, model.tokenizer, 8, split="eval"):
-        loss, targets = step(params, batch)
+        loss, targets, _ = step(params, batch)
         total, count = total + float(loss), count + int(targets)
     return total / max(count, 1)
 

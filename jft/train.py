@@ -101,8 +101,8 @@ class Run:
         if is_main_process():  # one process claims the shared directory; the rest wait
             self.claim = RunDirectory(config.output_dir, config.fingerprint(), overwrite)
         try:
+            resuming = self.resuming = from_main(self.claim is not None and self.claim.resuming)
             self._set_up()
-            resuming = from_main(self.claim is not None and self.claim.resuming)
             if not resuming:  # a fresh run's folder holds no other run's checkpoints
                 self._commit()
             barrier("jft: run directory")
@@ -116,6 +116,10 @@ class Run:
     def _commit(self):
         if self.claim is not None:
             self.claim.commit(self.config.to_dict())
+            if self._new_reference is not None:  # computed before the directory was ours
+                from jft.training import reference
+
+                reference.write_cache(self.directory, self._new_reference)
 
     def _set_up(self):
         import jft
@@ -138,13 +142,15 @@ class Run:
         with self._status("reading and tokenizing data"):
             self._read_data()
         with self._status(f"creating the {config.method.name} adapter"):
-            from jft.objectives import get_objective
-
             base, adapter = self._create_adapter()
-            self._set_up_training(base, [adapter], get_objective(config.objective))
+            adapter_off_is_base = self._adapter_off_is_base(base)
+            self._set_up_training(base, [adapter], config.objective.build())
             # Only the state's copy of the delta lives on: LISA and HFT park the base's
             # layer weights in it, and holding the originals too would double them.
             self.model.params = None
+        self._new_reference = None
+        if self._precomputes_reference(adapter_off_is_base):
+            self._set_up_reference()
         if self.is_main:
             held = bytes_per_device(self.base)
             print(f"mesh {dict(self.rules.mesh.shape)}: base {total_bytes(self.base) / 2**20:.1f}"
@@ -157,11 +163,68 @@ class Run:
             self.claim.release()
             self.claim = None
 
+    def _adapter_off_is_base(self, base) -> bool:
+        """Whether the forward without the trained adapter is the model the run started
+        from: not where the method trains the base's own weights, nor where the init (or
+        `objective.reference`) rewrote the base."""
+        from jft.peft import get_method
+
+        if get_method(self.config.method.name).edits_base_weights or self._loftq():
+            return False  # LoftQ quantized W − AB, not W
+        original = jax.tree.leaves(self.model.params)
+        return len(original) == len(jax.tree.leaves(base)) and all(
+            a is b for a, b in zip(original, jax.tree.leaves(base), strict=True))
+
+    def _precomputes_reference(self, adapter_off_is_base: bool) -> bool:
+        objective = self.config.objective
+        options = objective.config
+        if not objective.kind.uses_reference(options):
+            return False
+        if objective.kind.samples:  # new sequences every step: only the adapter-off pass
+            if not adapter_off_is_base:
+                raise JftError(f"{self.source}: objective {objective.name} compares with the "
+                               "base without the adapter, which this method's init rewrote; "
+                               "set objective.beta to 0 or method.init to the default")
+            return False
+        return (options.precompute_reference or options.reference is not None
+                or not adapter_off_is_base)
+
+    def _set_up_reference(self):
+        """The reference log-probs of every sequence, computed now with the initial
+        adapters (a fresh run; written once the directory is committed) or read from the
+        run's cache (a resumed one); then batched with the data."""
+        from jft.training import reference
+
+        splits = {"train": self.train_tokens}
+        if self.eval_tokens is not None:
+            splits["eval"] = self.eval_tokens
+        if self.resuming:
+            values = reference.read_cache(self.directory, splits)
+        else:
+            with self._status("computing the reference log-probabilities"):
+                adapters = self.state.adapters
+                values = reference.compute(
+                    lambda batch: self.steps.token_logps(self.base, adapters, batch), splits,
+                    self.data_config.max_length, self.config.train.batch_size,
+                    self._pad_id())
+            self._new_reference = values
+        self.train_tokens = reference.with_reference(self.train_tokens, values["train_first"],
+                                                     values["train_second"])
+        if self.eval_tokens is not None:
+            self.eval_tokens = reference.with_reference(
+                self.eval_tokens, values["eval_first"], values["eval_second"])
+        self._make_batchers()
+
+    def _pad_id(self) -> int:
+        tokenizer = self.model.tokenizer
+        return next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+
     def _begin(self, config, rules):
         from jft.sharding.distributed import is_main_process
 
         self.started = time.perf_counter()
         self.claim = None
+        self._new_reference = None
         self.config = config
         self.directory = Path(config.output_dir)
         self.is_main = is_main_process()
@@ -192,23 +255,41 @@ class Run:
     def _read_data(self):
         """The training batcher, the eval batches and the exact-match examples: each file
         read and tokenized once (calibration batches come from the same tokens)."""
-        from jft.training.data import batcher, read_split
+        from jft.training.data import read_split
 
         config, tokenizer = self.config, self.model.tokenizer
-        _, self.train_tokens = read_split(self.data_config, tokenizer)
-        self.batcher = batcher(self.train_tokens, self.data_config, tokenizer,
-                               config.train.batch_size, config.train.seed)
-        self.eval_batches, self.eval_examples = None, []
-        if not config.data.eval or not (config.eval.every or config.eval.generate):
-            return
-        records, tokens = read_split(self.data_config, tokenizer, "eval")
-        if config.eval.every:
+        records, self.train_tokens = read_split(self.data_config, tokenizer)
+        self.train_records = records if config.objective.kind.samples else None
+        self.eval_tokens, self.eval_examples = None, []
+        if config.data.eval and (config.eval.every or config.eval.generate):
+            records, tokens = read_split(self.data_config, tokenizer, "eval")
+            if config.eval.every:
+                self.eval_tokens = tokens
+            if config.eval.generate:
+                self.eval_examples = _eval_examples(records, tokenizer, self.data_config,
+                                                    config.eval)
+        self._make_batchers()
+
+    def _make_batchers(self):
+        """The training batches (GRPO: its rollouts) and the eval batches."""
+        from jft.training.data import batcher
+
+        config, tokenizer = self.config, self.model.tokenizer
+        if config.objective.kind.samples:
+            from jft.training.rollouts import Rollouts
+
+            self.batcher = Rollouts(self.train_records, tokenizer,
+                                    config.objective.config, self.data_config,
+                                    config.train.batch_size, config.train.seed,
+                                    lambda: (self.model_config, self.base, self.state.adapters))
+        else:
+            self.batcher = batcher(self.train_tokens, self.data_config, tokenizer,
+                                   config.train.batch_size, config.train.seed)
+        self.eval_batches = None
+        if self.eval_tokens is not None:
             self.eval_batches = list(batcher(
-                tokens, self.data_config, tokenizer,
+                self.eval_tokens, self.data_config, tokenizer,
                 config.eval.batch_size or config.train.batch_size, split="eval"))
-        if config.eval.generate:
-            self.eval_examples = _eval_examples(records, tokenizer, self.data_config,
-                                                config.eval)
 
     def _set_up_training(self, base, adapters, objective):
         """The optimiser of the adapters' trainable leaves, the sharded steps and their
@@ -216,6 +297,7 @@ class Run:
         from jft.sharding.placement import put
         from jft.training.step import ShardedSteps
 
+        self.objective = objective
         self.optimizer = self._optimizer(adapters)
         self.steps = ShardedSteps(self.model_config, self.optimizer, self.rules, base,
                                   adapters, self.config.train.seed, objective)
@@ -234,6 +316,9 @@ class Run:
         method = self.config.method
         if self._loftq() is not None:  # made by the load, beside the quantized base
             return self.model.params, self.model.adapters.pop(0)
+        reference = getattr(self.config.objective.config, "reference", None)
+        if reference is not None:  # the policy continues the reference adapter
+            return self._reference_adapter(reference)
         calibration = None
         if method.needs_calibration:  # a separate pass, so the training order is unchanged
             batches = batcher(self.train_tokens, self.data_config, self.model.tokenizer,
@@ -244,6 +329,16 @@ class Run:
                           self.model.params, self.model_config, calibration, method.config)
         except ConfigValueError as error:  # e.g. targets that match none of this model's
             raise JftError(f"{self.source}: {error}") from None
+
+    def _reference_adapter(self, path: str):
+        from jft.formats.adapters import load_adapter
+
+        base, [adapter] = load_adapter(path, self.model.params, self.model_config)
+        if adapter.method != self.config.method.name:
+            raise JftError(f"{self.source}: objective.reference {path} holds a "
+                           f"{adapter.method} adapter, which the run continues; set "
+                           f"method.name: {adapter.method}")
+        return base, adapter
 
     @property
     def adapter(self):
@@ -326,7 +421,7 @@ class Run:
                 timed = (self._status("compiling the training step") if compiling
                          else contextlib.nullcontext())
                 with timed:
-                    losses, tokens, metrics = self._update()
+                    losses, tokens, metrics, logged = self._update()
                 step += 1
                 if step < train.steps:  # SpIEL regrows, LISA switches layers, HFT re-rounds
                     self.state = self.steps.replace(refresh_state(
@@ -349,7 +444,8 @@ class Run:
                               "grad_norm": float(metrics["grad_norm"]),
                               "skipped_steps": int(self.state.skipped),
                               "truncated_examples": self.batcher.counters["truncated"],
-                              "dropped_examples": self.batcher.counters["dropped"]}
+                              "dropped_examples": self.batcher.counters["dropped"],
+                              **logged}
                     if throughput.tokens:  # none yet right after the compiling first step
                         record |= throughput.measure()
                 if config.eval.every and step % config.eval.every == 0:
@@ -380,16 +476,21 @@ class Run:
             print(self._summary(step, records, throughput.average()), flush=True)
         return 0
 
-    def _update(self) -> tuple[list[float], int, dict]:
+    def _update(self) -> tuple[list[float], int, dict, dict[str, float]]:
         """One optimizer update over `grad_accum` micro-batches: their losses, the tokens
-        trained on (padding aside) and the last micro-batch's metrics."""
-        losses, tokens = [], 0
+        trained on (padding aside), the last micro-batch's metrics, and the objective's own
+        metrics (and the rollouts', for GRPO) averaged over the micro-batches."""
+        losses, tokens, logged = [], 0, {}
         for _ in range(self.config.train.grad_accum):
             batch = next(self.batcher)
             self.state, metrics = self.steps.train(self.state, self.base, batch)
             losses.append(float(metrics["loss"]))
             tokens += int(np.sum(batch["segment_ids"] != 0))
-        return losses, tokens, metrics
+            extra = {k: float(v) for k, v in metrics.items() if k not in _STEP_METRICS}
+            extra |= getattr(self.batcher, "last_metrics", {})
+            for key, value in extra.items():
+                logged.setdefault(key, []).append(value)
+        return losses, tokens, metrics, {k: float(np.mean(v)) for k, v in logged.items()}
 
     def _evaluate(self, step: int, log) -> dict[str, float]:
         """`evaluate`, its generations appended to eval_generations.jsonl."""
@@ -401,12 +502,17 @@ class Run:
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         """Held-out loss and perplexity, and exact match when `eval.generate` is set; with
         the generation of each exact-match example (empty without `eval.generate`)."""
-        total, count = 0.0, 0
+        total, count, sums = 0.0, 0, {}
         for batch in self.eval_batches:
-            loss_sum, targets = self.steps.eval(self.base, self.state.adapters, batch)
+            loss_sum, targets, extra = self.steps.eval(self.base, self.state.adapters, batch)
             total, count = total + float(loss_sum), count + int(targets)
+            for key, value in extra.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         loss = total / max(count, 1)
-        out = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+        out = {"eval_loss": loss}
+        if getattr(self.objective, "per_token", True):
+            out["eval_perplexity"] = float(np.exp(min(loss, 50.0)))
+        out |= {f"eval_{key}": value / max(count, 1) for key, value in sums.items()}
         generations = []
         if self.config.eval.generate:
             out["eval_exact_match"], generations = self._exact_match()
@@ -451,16 +557,17 @@ class Run:
         for record in records:  # each metric's last value, eval ones from the last eval
             latest |= record
         before = _read_json(directory / EVAL_BEFORE_FILE)
-        for key in ("loss", "eval_loss", "eval_exact_match"):
+        for key in ("loss", "eval_loss", "eval_exact_match", "reward", "rewards/accuracies",
+                    "eval_rewards/accuracies"):
             if key in latest:
                 was = f"{before[key]:.4g} before training -> " if key in before else ""
-                lines.append(f"  {key:<18}{was}{latest[key]:.4g}")
+                lines.append(f"  {key:<24}{was}{latest[key]:.4g}")
         files = [("adapter", directory / "checkpoints" / str(self.last_saved)),
                  ("metrics", directory / METRICS_FILE),
                  ("loss curve", directory / LOSS_CURVE_FILE),
                  ("TensorBoard logs", directory / "tensorboard"),
                  ("eval generations", directory / GENERATIONS_FILE)]
-        lines += [f"  {name:<18}{path}" for name, path in files if path.exists()]
+        lines += [f"  {name:<24}{path}" for name, path in files if path.exists()]
         lines.append("generate with: " + self._generate_command())
         return "\n".join(lines)
 
@@ -477,6 +584,10 @@ class Run:
                 f"--prompt {shlex.quote(prompt)}")
 
 
+# What every step reports, logged under names of its own; the rest is the objective's.
+_STEP_METRICS = ("loss", "grad_norm", "finite", "tokens", "pairs")
+
+
 class _EvalExample(NamedTuple):
     prompt: str  # the example's prompt; for chat, its messages as the template renders them
     ids: list[int]  # what generation is fed
@@ -491,8 +602,8 @@ def _eval_examples(records, tokenizer, data_config, eval_config) -> list[_EvalEx
     out = []
     for example in examples:
         ids, reference = completion_reference(example, data_config.format, tokenizer)
-        prompt = (example["prompt"] if data_config.format == "prompt_completion"
-                  else tokenizer.decode(ids, skip_special_tokens=False))
+        plain = isinstance(example.get("prompt"), str)
+        prompt = example["prompt"] if plain else tokenizer.decode(ids, skip_special_tokens=False)
         out.append(_EvalExample(prompt, ids, reference))
     return out
 

@@ -275,7 +275,7 @@ def test_wrong_types(minimal, override, key, expected):
     ("compute_dtype=int8", "compute_dtype", "auto, float32, bfloat16, float16"),
     ("remat=some", "remat", "none, full, dots, dots_no_batch"),
     ("kernels=fast", "kernels", "auto, pallas, xla"),
-    ("objective=dpo", "objective", "sft"),
+    ("objective=ppo", "objective", "dpo, grpo, ipo, kto, orpo, sft, simpo"),
     ("method.name=qlora", "method.name", "bitfit, full, hft, ia3, lisa, lora"),
 ])
 def test_unknown_names_list_the_valid_ones(minimal, override, key, valid):

@@ -163,7 +163,7 @@ class _DistillToBase:
 
     def held_out(self, model, params, adapters, batch):
         loss, _ = self.loss(model, params, adapters, batch, None)
-        return loss, jnp.asarray(1)
+        return loss, jnp.asarray(1), {}
 
 
 def test_sharded_steps_train_any_objective_with_extra_batch_fields(params):
@@ -184,5 +184,5 @@ def test_sharded_steps_train_any_objective_with_extra_batch_fields(params):
     expected = np.sum(np.array([1.0, 3.0]) * ((tuned - reference) ** 2).mean(axis=(1, 2)))
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["reference_mean"]), reference.mean(), rtol=1e-5)
-    loss_sum, count = steps.eval(base, state.adapters, batch)
+    loss_sum, count, _ = steps.eval(base, state.adapters, batch)
     assert int(count) == 1 and float(loss_sum) < expected  # one SGD step moved towards base

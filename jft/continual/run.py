@@ -323,7 +323,7 @@ class ContinualRun:
             subset = gather([tokens], [(0, i) for i in rows])
             for batch in batcher(subset, self.general_data, self.tokenizer, batch_size,
                                  split="eval"):
-                loss, targets = stage.steps.eval(base, group_adapters, batch)
+                loss, targets, _ = stage.steps.eval(base, group_adapters, batch)
                 total, count = total + float(loss), count + int(targets)
         return float(np.exp(min(total / max(count, 1), 50.0)))
 

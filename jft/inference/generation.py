@@ -54,10 +54,30 @@ def generate_tokens(
 
     adapters: PEFT adapters (`jft.peft.Adapter`) to generate with, unmerged.
     """
+    stops = set(int(s) for s in stop_ids)
+    out = sample_tokens(config, params, prompts, max_new_tokens, stop_ids, sampling,
+                        jax.random.key(seed), adapters)
+    return [row[:-1] if row and row[-1] in stops else row for row in out]
+
+
+def sample_tokens(
+    config: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    sampling: Sampling,
+    key: jax.Array,
+    adapters: Sequence = (),
+    prompt_len: int | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt, through the first stop token (included where one was
+    generated). `prompt_len` pads the prompts to that many positions at least (a fixed
+    length never recompiles)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
-    prompt_len = _round_up(longest, PROMPT_BUCKET)
+    prompt_len = _round_up(max(longest, prompt_len or 0), PROMPT_BUCKET)
     virtual = sum(
         p.shape[0] for a in adapters
         if (p := a.impl.prompt_embeddings(a.delta, a.config)) is not None
@@ -75,7 +95,7 @@ def generate_tokens(
 
     out = _generate(
         config, params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
-        jax.random.key(seed), cache_len, max_new_tokens,
+        key, cache_len, max_new_tokens,
         tuple(sorted(set(int(s) for s in stop_ids))), sampling, tuple(adapters),
     )
     results = []
@@ -102,8 +122,8 @@ def _generate(config, params, tokens, positions, valid, key, cache_len, max_new,
 
     def body(state):
         step, out, cache, token, done, position, key = state
+        out = out.at[:, step].set(jnp.where(done, -1, token))  # the stop token included
         done = done | jnp.isin(token, stops)
-        out = out.at[:, step].set(jnp.where(done, -1, token))
         logits, cache = forward(config, params, token[:, None], position[:, None], cache=cache,
                                 adapters=adapters, with_prompts=False)
         key, step_key = jax.random.split(key)

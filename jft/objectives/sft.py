@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jft.models import ModelConfig, forward, output_logits
-from jft.objectives.base import register
+from jft.objectives.base import ObjectiveBase, register
 
 # The float32 logits of one loss chunk stay under this many bytes: at Llama 3's 128k
 # vocabulary the logits of one 8k-token row alone are 4 GiB, and their gradient as much.
@@ -87,7 +87,8 @@ def example_losses(model, params, adapters, batch) -> jax.Array:
     return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
 
 
-class Sft:
+@register
+class Sft(ObjectiveBase):
     name = "sft"
 
     def loss(self, model, params, adapters, batch, rng):
@@ -96,7 +97,7 @@ class Sft:
 
     def held_out(self, model, params, adapters, batch):
         losses, mask = token_losses(model, params, adapters, batch)
-        return jnp.sum(jnp.where(mask, losses, 0.0)), mask.sum()
+        return jnp.sum(jnp.where(mask, losses, 0.0)), mask.sum(), {}
 
 
-SFT = register(Sft())
+SFT = Sft()

@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 import optax
 import yaml
 
-from jft.errors import JftError
+from jft.errors import ConfigValueError, JftError
 from jft.storage import check_creatable
 from jft.training.data import DataConfig
 
@@ -87,6 +87,35 @@ class MethodSection:
         from jft.peft import get_method
 
         return get_method(self.name).needs_calibration(self.config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSection:
+    """`objective`: what a step minimises, by name (`objective: dpo`) or with options
+    (`objective: {name: dpo, beta: 0.1}`); `config` is the objective's typed Config."""
+
+    name: str = "sft"
+    config: Any = None  # the objective's Config; None: its defaults
+
+    def __post_init__(self):
+        if self.config is None:
+            from jft.objectives import get_objective
+
+            object.__setattr__(self, "config", get_objective(self.name).Config())
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @property
+    def kind(self) -> type:
+        from jft.objectives import get_objective
+
+        return get_objective(self.name)
+
+    def build(self):
+        """The objective, ready for `ShardedSteps`."""
+        return self.kind(self.config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +189,7 @@ class TrainConfig:
     quantize_block: int = _field(64, min=32)
     double_quant: bool = True
     quantize_embeddings: bool = False
-    objective: str = "sft"  # a name in jft.objectives.OBJECTIVES
+    objective: ObjectiveSection = dataclasses.field(default_factory=ObjectiveSection)
     method: MethodSection = dataclasses.field(default_factory=MethodSection)
     data: DataConfig = _required()
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -174,7 +203,10 @@ class TrainConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, MethodSection):
+            if isinstance(value, ObjectiveSection):  # a bare name when it has no options
+                out[f.name] = ({"name": value.name, **_plain(value.options)}
+                               if value.options else value.name)
+            elif isinstance(value, MethodSection):
                 out[f.name] = {
                     "name": value.name,
                     "calibration_batches": value.calibration_batches,
@@ -340,6 +372,8 @@ def _set_dotted(raw: dict, key: str, value: Any, override: str) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        elif depth == 0 and part == "objective" and isinstance(child, str):
+            child = node[part] = {"name": child}  # `objective: dpo` names it, with defaults
         elif not isinstance(child, dict):
             where = ".".join(parents[: depth + 1])
             raise JftError(
@@ -371,10 +405,14 @@ def _build(cls, raw: Any, prefix: str, context: _Context):
     """One section from its mapping: unknown keys, required keys, types and bounds."""
     if raw is None:
         raw = {}
+    if isinstance(raw, str) and cls is ObjectiveSection:
+        raw = {"name": raw}
     if not isinstance(raw, Mapping):
         context.fail(prefix, f"{prefix} must be a section of keys, got {raw!r}")
     if cls is MethodSection:
         return _build_method(raw, context)
+    if cls is ObjectiveSection:
+        return _build_objective(raw, context)
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
     names = [f.name for f in fields]
@@ -434,6 +472,18 @@ def _build_method(raw: Mapping, context: _Context) -> MethodSection:
         context.fail(f"method.{key}" if key else "method",
                      f"{'method.' + key if key else 'method'}: {message}")
     return MethodSection(name=name, calibration_batches=calibration, config=peft)
+
+
+def _build_objective(raw: Mapping, context: _Context) -> ObjectiveSection:
+    from jft.objectives import OBJECTIVES
+
+    name = _check_value(str, raw.get("name", "sft"), "objective.name", context)
+    if name not in OBJECTIVES:
+        context.fail("objective.name", f"objective {name!r} is not one of: "
+                     f"{', '.join(sorted(OBJECTIVES))}")
+    options = {str(k): v for k, v in raw.items() if k != "name"}
+    config = _build(OBJECTIVES[name].Config, options, "objective", context)
+    return ObjectiveSection(name=name, config=config)
 
 
 def _named_option(message: str, options: Mapping[str, Any]) -> str | None:
@@ -555,11 +605,7 @@ def _describe(kind) -> str:
 
 def _check_combinations(config: TrainConfig, context: _Context, check_paths: bool) -> None:
     train, data, evaluation = config.train, config.data, config.eval
-    from jft.objectives import OBJECTIVES
-
-    if config.objective not in OBJECTIVES:
-        context.fail("objective", f"objective {config.objective!r} is not one of: "
-                     f"{', '.join(sorted(OBJECTIVES))}")
+    _check_objective(config, context, check_paths)
     from jft.quant import BLOCK_SIZES
 
     if getattr(config.method.config, "init", None) == "loftq" and config.quantize == "none":
@@ -626,6 +672,51 @@ def _check_combinations(config: TrainConfig, context: _Context, check_paths: boo
     for key, file in (("data.train", data.train), ("data.eval", data.eval)):
         if file is not None and not Path(file).exists():
             context.fail(key, f"{key}: no such file {file}")
+
+
+def _check_objective(config: TrainConfig, context: _Context, check_paths: bool) -> None:
+    """The objective against the data format, the method and its own options."""
+    from jft.peft import get_method
+    from jft.training.data import PAIRED_FORMATS
+
+    objective, data_format = config.objective, config.data.format
+    kind, options = objective.kind, objective.config
+    formats = kind.formats or tuple(f for f in typing.get_args(
+        typing.get_type_hints(DataConfig)["format"]) if f not in PAIRED_FORMATS)
+    if data_format not in formats:
+        takes = [name for name, other in _objectives().items()
+                 if data_format in (other.formats or ())]
+        hint = (f" (format {data_format} is for objective {', '.join(takes)})"
+                if data_format in PAIRED_FORMATS else "")
+        context.fail("data.format", f"objective {objective.name} trains on data.format "
+                     f"{' or '.join(formats)}, not {data_format}{hint}")
+    if config.eval.generate and data_format == "kto":
+        context.fail("eval.generate", "eval.generate needs reference answers; format kto has "
+                     "none (its completions are marked desirable or not)")
+    if (kind.samples and kind.uses_reference(options)
+            and get_method(config.method.name).edits_base_weights):
+        context.fail("objective.beta", f"objective.beta: objective {objective.name} compares "
+                     "with the base without the adapter, and method "
+                     f"{config.method.name} trains the base's own weights; set objective.beta "
+                     "to 0")
+    try:
+        kind.check(options)
+    except ConfigValueError as error:
+        context.fail(error.key, str(error))
+    reference = getattr(options, "reference", None)
+    if reference is not None and check_paths:
+        from jft.formats.adapters import check_adapter_exists
+
+        try:
+            check_adapter_exists(reference, "objective.reference")
+        except JftError as error:
+            context.fail("objective.reference", str(error))
+
+
+def _objectives() -> dict[str, type]:
+    from jft.objectives import OBJECTIVES
+
+    return OBJECTIVES
 
 
 def _join(prefix: str, key: Any) -> str:
@@ -725,6 +816,6 @@ def _or(value: float | None, default: float) -> float:
 
 __all__ = [
     "BUNDLED_MODELS", "CheckpointSection", "EvalSection",
-    "FINGERPRINT_EXCLUDED", "MethodSection", "TrainConfig", "TrainSection",
+    "FINGERPRINT_EXCLUDED", "MethodSection", "ObjectiveSection", "TrainConfig", "TrainSection",
     "build_optimizer", "build_schedule", "from_dict", "load_config", "wrap_accumulation",
 ]

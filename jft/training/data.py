@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Batcher",
     "DataConfig",
+    "PairedExamples",
     "TokenizedExample",
     "TokenizedExamples",
     "TokenizedStream",
@@ -84,16 +85,22 @@ __all__ = [
     "tokenize_examples",
 ]
 
-DataFormat = Literal["text", "prompt_completion", "chat"]
+DataFormat = Literal["text", "prompt_completion", "chat", "preference", "kto"]
 Overlong = Literal["truncate", "drop"]
 FORMATS = get_args(DataFormat)
 OVERLONG = get_args(Overlong)
-FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
+FIELDS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
+          "preference": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion", "label")}
+PAIRED_FORMATS = ("preference", "kto")  # tokenized as PairedExamples (preference_data.py)
 _NEEDS = {
     "text": 'a string field "text"',
     "prompt_completion": 'string fields "prompt" and "completion"',
     "chat": 'a field "messages": a list of {"role": string, "content": string} objects '
     'with at least one "assistant" message',
+    "preference": 'fields "prompt", "chosen" and "rejected": strings, or a list of messages '
+    '(prompt) and assistant messages or strings (chosen, rejected)',
+    "kto": 'fields "prompt" and "completion" (strings, or messages and assistant messages) and '
+    'a boolean "label" (true: desirable)',
 }
 _SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _KINDS = "a .jsonl, .json, .parquet or .csv file, or a folder written by datasets' save_to_disk"
@@ -133,14 +140,20 @@ class DataConfig:
         for key in ("packing", "completion_only_loss", "streaming"):
             if not isinstance(getattr(self, key), bool):
                 raise JftError(f"data.{key}={getattr(self, key)!r}; expected true or false")
+        if self.streaming and self.format in PAIRED_FORMATS:
+            raise JftError(f"data.streaming is not available for format {self.format} (its "
+                           "examples are paired when tokenized); set data.streaming to false")
 
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """One example's token ids, and for each token whether it is a training target."""
+    """One example's token ids, and for each token whether it is a training target;
+    `fields`: further per-token values an objective reads (KTO's label), batched under
+    their names."""
 
     tokens: list[int]
     loss_mask: list[bool]
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +444,10 @@ def _record_problem(record: Mapping, format: str) -> str | None:
     for field in FIELDS[format]:
         if record.get(field) is None:
             return f'missing field "{field}"'
+    if format in PAIRED_FORMATS:
+        from jft.training.preference_data import record_problem
+
+        return record_problem(record, format)
     if format == "chat":
         messages = _parse_messages(record["messages"])
         return messages if isinstance(messages, str) else None
@@ -440,25 +457,27 @@ def _record_problem(record: Mapping, format: str) -> str | None:
     return None
 
 
-def _parse_messages(value: Any) -> list[dict] | str:
+def _parse_messages(value: Any, field: str = "messages", need_assistant: bool = True
+                    ) -> list[dict] | str:
     """The messages as a list of dicts, or a description of what is wrong with them."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            return 'field "messages" is a string that is not a JSON list'
+            return f'field "{field}" is a string that is not a JSON list'
     if not isinstance(value, list | tuple) or not value:
-        return f'field "messages" is {_json_type(value)}, not a non-empty list'
+        return f'field "{field}" is {_json_type(value)}, not a non-empty list'
     messages = []
     for index, message in enumerate(value):
         if not isinstance(message, Mapping):
-            return f'"messages"[{index}] is {_json_type(message)}, not an object'
+            return f'"{field}"[{index}] is {_json_type(message)}, not an object'
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
-                return f'"messages"[{index}] has no string "{key}"'
+                return f'"{field}"[{index}] has no string "{key}"'
         messages.append({key: item for key, item in message.items() if item is not None})
-    if not any(message["role"] == "assistant" for message in messages):
-        return 'no message has role "assistant", so there is nothing to learn'
+    if need_assistant and not any(message["role"] == "assistant" for message in messages):
+        of = "" if field == "messages" else f' of "{field}"'
+        return f'no message{of} has role "assistant", so there is nothing to learn'
     return messages
 
 
@@ -521,7 +540,8 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return bos + tokenizer.encode(prompt, add_special_tokens=False)
 
 
-def _check_roles(messages: list[dict], tokenizer: Tokenizer, where: str) -> None:
+def _check_roles(messages: list[dict], tokenizer: Tokenizer, where: str,
+                 field: str = "messages") -> None:
     """Refuses a role the chat template does not know, which it would render as plain text or
     drop: most likely a typo in the data (see `template_roles`)."""
     if tokenizer.chat_template is None:
@@ -534,14 +554,16 @@ def _check_roles(messages: list[dict], tokenizer: Tokenizer, where: str) -> None
             source = tokenizer.chat_template_source
             template = f"the chat template ({source})" if source else "the chat template"
             raise JftError(
-                f'{where}: "messages"[{index}] has role "{message["role"]}", which {template} '
+                f'{where}: "{field}"[{index}] has role "{message["role"]}", which {template} '
                 f"does not know; valid roles: {', '.join(sorted(roles))}"
             )
 
 
 def _chat_tokens(
-    messages: list[dict], tokenizer: Tokenizer, where: str
+    messages: list[dict], tokenizer: Tokenizer, where: str, first_target: int = 0
 ) -> tuple[list[int], list[bool]]:
+    """Token ids and target mask of a conversation: its assistant turns from message
+    `first_target` on are the targets."""
     def render(upto: int, generation_prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(messages[:upto], generation_prompt)
@@ -552,7 +574,7 @@ def _chat_tokens(
     turns = []  # (start, end) character spans of the assistant turns in `full`
     end = 0
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or index < first_target:
             continue
         before = render(index, True)
         through = render(index + 1, False)
@@ -590,27 +612,41 @@ def _chat_tokens(
 
 
 class TokenizedExamples(Sequence):
-    """Tokenized examples held compactly: all tokens in one int32 array, masks in one bool array.
+    """Tokenized examples held compactly: all tokens in one int32 array, masks in one bool array,
+    each per-token field in one array of its own.
 
     Item i is a `TokenizedExample`; `arrays(i)` gives its tokens and mask as numpy views.
     """
 
-    def __init__(self, tokens: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray):
+    def __init__(self, tokens: np.ndarray, loss_mask: np.ndarray, offsets: np.ndarray,
+                 fields: Mapping[str, np.ndarray] | None = None):
         self.tokens = np.asarray(tokens, np.int32)
         self.loss_mask = np.asarray(loss_mask, np.bool_)
         self.offsets = np.asarray(offsets, np.int64)
         self.lengths = np.diff(self.offsets)
+        self.fields = {name: np.asarray(values) for name, values in (fields or {}).items()}
 
     @classmethod
     def from_examples(cls, examples: Iterable[TokenizedExample]) -> TokenizedExamples:
-        tokens, masks, offsets = [], [], [0]
+        tokens, masks, offsets, fields = [], [], [0], {}
         for example in examples:
             tokens.append(np.asarray(example.tokens, np.int32))
             masks.append(np.asarray(example.loss_mask, np.bool_))
             offsets.append(offsets[-1] + len(example.tokens))
+            for name, values in example.fields.items():
+                fields.setdefault(name, []).append(np.asarray(values))
         if not tokens:
             return cls(np.zeros(0, np.int32), np.zeros(0, np.bool_), np.zeros(1, np.int64))
-        return cls(np.concatenate(tokens), np.concatenate(masks), np.asarray(offsets))
+        return cls(np.concatenate(tokens), np.concatenate(masks), np.asarray(offsets),
+                   {name: np.concatenate(parts) for name, parts in fields.items()})
+
+    def with_field(self, name: str, values: np.ndarray) -> TokenizedExamples:
+        """The same examples with one more per-token field (values aligned with `tokens`)."""
+        if len(values) != len(self.tokens):
+            raise ValueError(f"field {name!r} has {len(values)} values for {len(self.tokens)} "
+                             "tokens")
+        return TokenizedExamples(self.tokens, self.loss_mask, self.offsets,
+                                 {**self.fields, name: values})
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -618,13 +654,36 @@ class TokenizedExamples(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        tokens, mask = self.arrays(index)
-        return TokenizedExample(tokens.tolist(), mask.tolist())
+        tokens, mask, fields = self.sequence(index)
+        return TokenizedExample(tokens.tolist(), mask.tolist(),
+                                {name: values.tolist() for name, values in fields.items()})
 
     def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sequence(index)[:2]
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(tokens, loss mask, per-token fields) of example `index`, as numpy views."""
         index = range(len(self))[index]  # bounds check and negative indices
         start, end = self.offsets[index], self.offsets[index + 1]
-        return self.tokens[start:end], self.loss_mask[start:end]
+        return (self.tokens[start:end], self.loss_mask[start:end],
+                {name: values[start:end] for name, values in self.fields.items()})
+
+
+@dataclass(frozen=True)
+class PairedExamples:
+    """Examples of two sequences each, batched as [all first; all second] with the same
+    packing (`jft.objectives.sequences`): preference pairs (chosen, rejected), or KTO's
+    examples and their mismatched KL sequences."""
+
+    first: TokenizedExamples
+    second: TokenizedExamples
+
+    def __post_init__(self):
+        if len(self.first) != len(self.second):
+            raise ValueError("paired examples need as many second sequences as first ones")
+
+    def __len__(self) -> int:
+        return len(self.first)
 
 
 class TokenizedStream:
@@ -661,13 +720,20 @@ class TokenizedStream:
 
 def tokenize_examples(
     examples: Any, tokenizer: Tokenizer, config: DataConfig, *, source: str = "data"
-) -> TokenizedExamples | TokenizedStream:
-    """Tokenizes records (a Dataset or a list of dicts) now, or an IterableDataset lazily."""
+) -> TokenizedExamples | TokenizedStream | PairedExamples:
+    """Tokenizes records (a Dataset or a list of dicts) now, or an IterableDataset lazily;
+    preference and KTO records into `PairedExamples`."""
     datasets = sys.modules.get("datasets")
     if datasets is not None and isinstance(examples, datasets.IterableDataset):
         return TokenizedStream(examples, tokenizer, config, source)
     if datasets is not None and isinstance(examples, datasets.Dataset):
         examples = examples.select_columns(list(FIELDS[config.format]))
+    if config.format in PAIRED_FORMATS:
+        from jft.training.preference_data import tokenize_pairs
+
+        paired = tokenize_pairs(examples, tokenizer, config, source)
+        _Fit.of_pairs(paired, config.max_length).check(config, source)
+        return paired
     tokenized = TokenizedExamples.from_examples(
         tokenize_example(example, tokenizer, config, where=f"{source}: record {index}")
         for index, example in enumerate(examples)
@@ -688,15 +754,31 @@ class _Fit:
 
     @classmethod
     def of(cls, tokenized: TokenizedExamples, max_length: int) -> _Fit:
-        lengths, starts = tokenized.lengths, tokenized.offsets[:-1]
-        targets = np.concatenate([[0], np.cumsum(tokenized.loss_mask, dtype=np.int64)])
-        kept = targets[starts + np.minimum(lengths, max_length)] - targets[starts]
+        lengths = tokenized.lengths
+        kept = cls._kept_targets(tokenized, max_length)
         return cls(
             examples=len(lengths),
             fitting=int((lengths <= max_length).sum()),
             emptied=int(((lengths > max_length) & (kept == 0)).sum()),
             shortest=int(lengths.min()) if len(lengths) else None,
         )
+
+    @classmethod
+    def of_pairs(cls, paired: PairedExamples, max_length: int) -> _Fit:
+        """A pair fits when both of its sequences do, and is emptied when either is."""
+        halves = [cls._kept_targets(half, max_length) for half in (paired.first, paired.second)]
+        lengths = np.maximum(paired.first.lengths, paired.second.lengths)
+        emptied = [(half.lengths > max_length) & (kept == 0)
+                   for half, kept in zip((paired.first, paired.second), halves, strict=True)]
+        return cls(examples=len(lengths), fitting=int((lengths <= max_length).sum()),
+                   emptied=int((emptied[0] | emptied[1]).sum()),
+                   shortest=int(lengths.min()) if len(lengths) else None)
+
+    @staticmethod
+    def _kept_targets(tokenized: TokenizedExamples, max_length: int) -> np.ndarray:
+        lengths, starts = tokenized.lengths, tokenized.offsets[:-1]
+        targets = np.concatenate([[0], np.cumsum(tokenized.loss_mask, dtype=np.int64)])
+        return targets[starts + np.minimum(lengths, max_length)] - targets[starts]
 
     def add(self, example: TokenizedExample, max_length: int) -> None:
         length = len(example.tokens)
@@ -936,7 +1018,7 @@ class Batcher:
         else:
             if self._stream_at != (epoch, window):
                 self._stream = iter(source.iter_from(start))
-            items = [_as_arrays(item) for item in islice(self._stream, self.window)]
+            items = [_as_item(item) for item in islice(self._stream, self.window)]
             self._stream_at = (epoch, window + 1)
             if not items:
                 return None
@@ -944,7 +1026,7 @@ class Batcher:
             keys = np.arange(len(items))
             if self.shuffle:
                 keys = self._rng(epoch, window, 0).permutation(keys)
-            lengths = np.array([len(items[k][0]) for k in keys], np.int64)
+            lengths = np.array([_item_length(items[k]) for k in keys], np.int64)
         rng = self._rng(epoch, window, 1)
         kept = self._kept(lengths)
         dropped = int((~kept).sum())
@@ -979,39 +1061,48 @@ class Batcher:
     def _rng(self, epoch: int, window: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, window, stream])
 
-    def _example(self, key: int) -> tuple[np.ndarray, np.ndarray]:
+    def _example(self, key: int) -> tuple:
         if self._source.lengths is None:
             return self._items[key]
         return self._source.get(key)
 
-    def _assemble(self, rows: list[list[tuple[np.ndarray, np.ndarray]]]) -> dict:
-        shape = (self.batch_size, self.max_length)
+    def _assemble(self, rows: list[list[tuple]]) -> dict:
+        """The batch of `rows` (lists of items): one block of batch_size rows per sequence
+        of an item ([first; second] for paired examples), packed alike."""
+        arity = len(rows[0][0])
+        shape = (arity * self.batch_size, self.max_length)
         tokens = np.full(shape, self.pad_id, np.int32)
         segment_ids = np.zeros(shape, np.int32)
         positions = np.zeros(shape, np.int32)
         loss_mask = np.zeros(shape, np.bool_)
+        fields = {name: np.zeros(shape, np.asarray(values).dtype)
+                  for sequence in rows[0][0] for name, values in sequence[2].items()}
         counters = self.counters
         for b, row in enumerate(rows):
-            column = 0
-            for segment, (example_tokens, example_mask) in enumerate(row, 1):
-                counters["truncated"] += len(example_tokens) > self.max_length
-                example_tokens = example_tokens[: self.max_length]
-                n = len(example_tokens)
-                span = slice(column, column + n)
-                tokens[b, span] = example_tokens
-                segment_ids[b, span] = segment
-                positions[b, span] = np.arange(n)
-                loss_mask[b, span] = example_mask[:n]
-                loss_mask[b, column] = False
+            columns = [0] * arity
+            for segment, item in enumerate(row, 1):
                 counters["examples"] += 1
-                counters["tokens"] += n
-                counters["targets"] += int(loss_mask[b, span].sum())
-                column += n
+                counters["truncated"] += _item_length(item) > self.max_length
+                for half, (example_tokens, example_mask, example_fields) in enumerate(item):
+                    r, column = half * self.batch_size + b, columns[half]
+                    n = min(len(example_tokens), self.max_length)
+                    span = slice(column, column + n)
+                    tokens[r, span] = example_tokens[:n]
+                    segment_ids[r, span] = segment
+                    positions[r, span] = np.arange(n)
+                    loss_mask[r, span] = example_mask[:n]
+                    loss_mask[r, column] = False
+                    for name, values in example_fields.items():
+                        fields[name][r, span] = values[:n]
+                    counters["tokens"] += n
+                    counters["targets"] += int(loss_mask[r, span].sum())
+                    columns[half] += n
         return {
             "tokens": tokens,
             "segment_ids": segment_ids,
             "positions": positions,
             "loss_mask": loss_mask,
+            **fields,
         }
 
 
@@ -1032,9 +1123,21 @@ def _first_fit(sizes: np.ndarray, capacity: int) -> list[list[int]]:
     return rows
 
 
-def _as_arrays(item: Any) -> tuple[np.ndarray, np.ndarray]:
+def _as_item(item: Any) -> tuple:
+    """An example as a tuple of its sequences, each (tokens, loss mask, fields)."""
+    if isinstance(item, tuple) and item and isinstance(item[0], tuple):
+        return item  # already one (a paired source's)
+    return (_as_arrays(item),)
+
+
+def _item_length(item: tuple) -> int:
+    return max(len(sequence[0]) for sequence in item)
+
+
+def _as_arrays(item: Any) -> tuple[np.ndarray, np.ndarray, dict]:
+    fields = {}
     if isinstance(item, TokenizedExample):
-        tokens, mask = item.tokens, item.loss_mask
+        tokens, mask, fields = item.tokens, item.loss_mask, item.fields
     elif isinstance(item, Mapping) and "tokens" in item:
         tokens, mask = item["tokens"], item.get("loss_mask")
     else:
@@ -1050,7 +1153,7 @@ def _as_arrays(item: Any) -> tuple[np.ndarray, np.ndarray]:
         raise JftError(
             f"an example has {len(tokens)} tokens but a loss_mask of {len(mask)}; they must match"
         )
-    return tokens, mask
+    return tokens, mask, {name: np.asarray(values) for name, values in fields.items()}
 
 
 class _Source:
@@ -1059,7 +1162,8 @@ class _Source:
     lengths: np.ndarray | None = None
     count: int | None = None
 
-    def get(self, key: int) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, key: int) -> tuple:
+        """The example's sequences, each (tokens, loss mask, per-token fields)."""
         raise NotImplementedError
 
     def iter_from(self, start: int) -> Iterable:
@@ -1072,8 +1176,18 @@ class _ArraySource(_Source):
         self.lengths = examples.lengths
         self.count = len(examples)
 
-    def get(self, key: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.examples.arrays(key)
+    def get(self, key: int) -> tuple:
+        return (self.examples.sequence(key),)
+
+
+class _PairedSource(_Source):
+    def __init__(self, examples: PairedExamples):
+        self.examples = examples
+        self.lengths = np.maximum(examples.first.lengths, examples.second.lengths)
+        self.count = len(examples)
+
+    def get(self, key: int) -> tuple:
+        return self.examples.first.sequence(key), self.examples.second.sequence(key)
 
 
 class _SequenceSource(_Source):
@@ -1082,8 +1196,8 @@ class _SequenceSource(_Source):
         self.lengths = lengths
         self.count = len(examples)
 
-    def get(self, key: int) -> tuple[np.ndarray, np.ndarray]:
-        return _as_arrays(self.examples[key])
+    def get(self, key: int) -> tuple:
+        return _as_item(self.examples[key])
 
 
 class _StreamSource(_Source):
@@ -1099,6 +1213,8 @@ class _StreamSource(_Source):
 def _as_source(examples: Any) -> _Source:
     if isinstance(examples, TokenizedExamples):
         return _ArraySource(examples)
+    if isinstance(examples, PairedExamples):
+        return _PairedSource(examples)
     if isinstance(examples, TokenizedStream):
         return _StreamSource(examples)
     datasets = sys.modules.get("datasets")
@@ -1107,7 +1223,7 @@ def _as_source(examples: Any) -> _Source:
     if datasets is not None and isinstance(examples, datasets.Dataset):
         return _SequenceSource(examples, _dataset_lengths(examples))
     if isinstance(examples, Sequence):
-        lengths = np.array([len(_as_arrays(item)[0]) for item in examples], np.int64)
+        lengths = np.array([_item_length(_as_item(item)) for item in examples], np.int64)
         return _SequenceSource(examples, lengths)
     if isinstance(examples, Iterable) and iter(examples) is not examples:
         return _StreamSource(examples)
@@ -1204,7 +1320,14 @@ def completion_reference(
             "exact-match evaluation needs a reference answer; format 'text' has none, use "
             "'prompt_completion' or 'chat'"
         )
+    if format == "kto":
+        raise JftError("exact-match evaluation needs a reference answer; format 'kto' marks "
+                       "completions desirable or not, use 'preference' or 'prompt_completion'")
     _check_record(example, format, "example")
+    if format == "preference":  # the chosen completion is the reference
+        from jft.training.preference_data import prompt_and_reference
+
+        return prompt_and_reference(example, tokenizer)
     if format == "prompt_completion":
         prompt, reference = example["prompt"], example["completion"]
         if tokenizer is None:

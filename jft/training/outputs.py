@@ -148,23 +148,24 @@ class Throughput:
         self.flops_per_token = flops_per_token
         self.peak = peak_flops()
         self.start = time.perf_counter()
-        self.tokens = 0  # in the current interval
+        self.tokens = self.steps = 0  # in the current interval
         self.total_tokens, self.total_seconds = 0, 0.0
 
     def count(self, tokens: int):
         self.tokens += tokens
+        self.steps += 1
 
     def restart(self):
-        self.start, self.tokens = time.perf_counter(), 0
+        self.start, self.tokens, self.steps = time.perf_counter(), 0, 0
 
     def measure(self) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = now - self.start
         rate = self.tokens / max(elapsed, 1e-9)
+        out = {"tokens_per_s": rate, "step_time_s": elapsed / max(self.steps, 1)}
         self.total_tokens += self.tokens
         self.total_seconds += elapsed
-        self.start, self.tokens = now, 0
-        out = {"tokens_per_s": rate}
+        self.start, self.tokens, self.steps = now, 0, 0
         if self.peak:
             out["mfu"] = rate * self.flops_per_token / self.peak
         return out

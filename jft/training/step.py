@@ -104,7 +104,7 @@ def _reset_state(optimizer, opt_state, adapters, resets):
 
 
 def _eval_step(model: ModelConfig, params, adapters, batch, objective: Objective = SFT):
-    """(summed held-out loss, count) of one batch, for the eval loss and perplexity."""
+    """(summed held-out loss, count, summed metrics) of one batch, for the eval metrics."""
     return objective.held_out(model, params, adapters, batch)
 
 
@@ -126,7 +126,7 @@ class ShardedSteps:
                                      out_shardings=self.state)(
             put(adapters, self.state.adapters))
         self._model, self._optimizer, self._objective = model, optimizer, objective
-        self._train = self._eval = None
+        self._train = self._eval = self._logps = None
 
     def train(self, state: TrainState, params, batch):
         batch, shardings = self._place(batch)
@@ -144,6 +144,17 @@ class ShardedSteps:
                                    (self.params, self.state.adapters, shardings),
                                    replicated(self.rules))
         return self._eval(params, adapters, batch)
+
+    def token_logps(self, params, adapters, batch):
+        """Log-probability [B, T] of each token of `batch` given those before it."""
+        from jft.objectives.sequences import token_logps
+
+        batch, shardings = self._place(batch)
+        if self._logps is None:
+            self._logps = self._jit(
+                lambda p, a, b: token_logps(self._model, p, a, b)[0],
+                (self.params, self.state.adapters, shardings), replicated(self.rules))
+        return self._logps(params, adapters, batch)
 
     def replace(self, state: TrainState) -> TrainState:
         """`state` back in its layout (after a refresh computed outside the step)."""
