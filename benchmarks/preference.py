@@ -91,11 +91,15 @@ def cost(args) -> dict:
     return out
 
 
-def _train(config: str, output: Path, *overrides, cwd=ROOT) -> tuple[list[dict], float]:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jft.train", config, f"output_dir={output}",
-                    *overrides, "--overwrite"], check=True, cwd=cwd)
-    seconds = time.perf_counter() - start
+def _train(config: str, output: Path, *overrides, cwd=ROOT, reuse=False
+           ) -> tuple[list[dict], float | None]:
+    """The run's metrics, training it first unless `reuse` finds it finished."""
+    seconds = None
+    if not (reuse and (output / "metrics.jsonl").exists()):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jft.train", config, f"output_dir={output}",
+                        *overrides, "--overwrite"], check=True, cwd=cwd)
+        seconds = time.perf_counter() - start
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()], \
         seconds
 
@@ -110,7 +114,7 @@ def _generations(run: Path) -> dict[int, list[dict]]:
 
 def dpo(args) -> dict:
     run = args.out / "dpo"
-    records, seconds = _train("examples/preference/config.yaml", run)
+    records, seconds = _train("examples/preference/config.yaml", run, reuse=args.reuse)
     before = json.loads((run / "eval_before.json").read_text())
     after = [r for r in records if "eval_loss" in r][-1]
     generations = _generations(run)
@@ -137,7 +141,8 @@ def grpo(args) -> dict:
         "exact_match": ["objective.reward=exact_match"],
         "exact_match+partial": ["objective.reward=[exact_match,date_reward:partial]"],
     }
-    for name, reward in variants.items():
+    for name in args.grpo_rewards:
+        reward = variants[name]
         run = args.out / f"grpo_{name}"
         records, seconds = _train(
             str(ROOT / "examples/quickstart/config.yaml"), run, "objective.name=grpo",
@@ -148,7 +153,7 @@ def grpo(args) -> dict:
             f"checkpoint.every={args.grpo_steps}",
             f"data.train={ROOT / 'examples/quickstart/train.jsonl'}",
             f"data.eval={ROOT / 'examples/quickstart/eval.jsonl'}",
-            cwd=ROOT / "examples/preference")
+            cwd=ROOT / "examples/preference", reuse=args.reuse)
         before = json.loads((run / "eval_before.json").read_text())
         after = [r for r in records if "eval_exact_match" in r][-1]
         timed = [r["step_time_s"] for r in records if "step_time_s" in r]
@@ -171,14 +176,22 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--grpo-steps", type=int, default=20)
+    parser.add_argument("--grpo-rewards", nargs="+", default=["exact_match",
+                                                                "exact_match+partial"])
+    parser.add_argument("--reuse", action="store_true",
+                        help="summarise finished runs in --out instead of training again")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    date = datetime.date.today().isoformat()
+    path = ROOT / f"benchmarks/results/preference_{date}.json"
+    # Each part is merged into the day's file as it ends: the parts take long on a CPU.
+    results = json.loads(path.read_text()) if path.exists() else {"date": date}
     for part in args.parts:
-        results[part] = globals()[part](args)
-    path = ROOT / f"benchmarks/results/preference_{results['date']}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {path}")
+        found = globals()[part](args)
+        results[part] = {**results.get(part, {}), **found} if part == "grpo" else found
+        results.setdefault("commands", {})[part] = " ".join(sys.argv)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {part} to {path}", flush=True)
 
 
 if __name__ == "__main__":

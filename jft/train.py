@@ -169,8 +169,12 @@ class Run:
         `objective.reference`) rewrote the base."""
         from jft.peft import get_method
 
-        if get_method(self.config.method.name).edits_base_weights or self._loftq():
+        method = get_method(self.config.method.name)
+        if method.edits_base_weights or self._loftq():
             return False  # LoftQ quantized W − AB, not W
+        reference = getattr(self.config.objective.config, "reference", None)
+        if method.rebase_keeps_function and reference is None:
+            return True
         original = jax.tree.leaves(self.model.params)
         return len(original) == len(jax.tree.leaves(base)) and all(
             a is b for a, b in zip(original, jax.tree.leaves(base), strict=True))

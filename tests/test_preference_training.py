@@ -141,16 +141,19 @@ def test_precomputed_reference_matches_the_adapter_off_one_and_resumes_from_its_
         _train(tiny, data["plain"], tmp_path, "dpo", "preference", 6, "cached", *half)
 
 
-def test_full_fine_tuning_gets_a_precomputed_reference(tiny, data, tmp_path):
+@pytest.mark.parametrize("method, precomputed", [("full", True), ("s2ft", False)])
+def test_methods_that_rewrite_the_base_get_a_precomputed_reference(tiny, data, tmp_path,
+                                                                   method, precomputed):
     """Full FT trains the base's own weights, so switching the adapter off cannot give the
-    reference back: the run precomputes it, and DPO still starts at log 2."""
-    records = fine_tune(None, [
+    reference back: the run precomputes it. S²FT's co-permuted base computes the same
+    model, so its adapter-off pass is the reference. DPO starts at log 2 either way."""
+    run = fine_tune(None, [
         f"model={tiny}", f"data.train={data['plain']}", "data.format=preference",
-        "objective=dpo", "method.name=full", "train.steps=2", "train.batch_size=4",
-        "data.max_length=96", "train.learning_rate=1e-3", f"output_dir={tmp_path / 'full'}"])
-    assert (records / "reference_logps.safetensors").exists()
-    first = json.loads((records / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        "objective=dpo", f"method.name={method}", "train.steps=1", "train.batch_size=4",
+        "data.max_length=96", "train.learning_rate=1e-3", f"output_dir={tmp_path / method}"])
+    assert (run / "reference_logps.safetensors").exists() == precomputed
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_a_reference_run_is_continued_and_compared_with(tiny, data, tmp_path):
@@ -211,3 +214,20 @@ def test_grpo_exact_match_rewards_reference_answers_and_bad_rewards_are_one_line
     with pytest.raises(JftError, match="objective.pattern"):
         _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 1, "bad",
                "objective.reward=regex")
+
+
+def test_grpo_resumes_exactly(tiny, data, tmp_path):
+    """The sampling key of rollout n is (seed, n) and the prompt order is the data state's,
+    so a run stopped at a checkpoint continues with exactly the rollouts and losses a run
+    without the stop has."""
+    options = ["objective.max_new_tokens=2", "objective.group_size=2",
+               "objective.reward=regex", "objective.pattern=e", "checkpoint.every=2",
+               "train.schedule=constant"]
+    straight = _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 4,
+                      "straight", *options)
+    _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 2, "stopped",
+           *options)
+    resumed = _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 4,
+                     "stopped", *options)
+    for key in ("loss", "reward", "kl"):
+        assert [r[key] for r in resumed] == [r[key] for r in straight]

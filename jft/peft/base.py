@@ -138,6 +138,9 @@ class MethodBase:
     Config: ClassVar[type] = object
     # Trains the base's own weights (full FT, LISA, HFT, SpIEL): refused on a quantized base.
     edits_base_weights: ClassVar[bool] = False
+    # `rebase` keeps the model's function (S²FT's co-permutation): the base it returns is,
+    # without the adapter, still the model that was loaded (a preference reference).
+    rebase_keeps_function: ClassVar[bool] = False
 
     def reads_base_weights(self, config) -> bool:
         """Whether `init` reads the base's weight values (not just their shapes): a

@@ -317,6 +317,7 @@ def _take(w, order, axis):
 class S2FT(MethodBase):
     name = "s2ft"
     Config = S2FTConfig
+    rebase_keeps_function = True  # co-permuted rows and columns compute the same model
 
     def needs_calibration(self, config):
         return config.selection in DATA_DRIVEN_SELECTIONS
