@@ -285,7 +285,9 @@ class Run:
             self.batcher = Rollouts(self.train_records, tokenizer,
                                     config.objective.config, self.data_config,
                                     config.train.batch_size, config.train.seed,
-                                    lambda: (self.model_config, self.base, self.state.adapters))
+                                    lambda: (self.model_config, self.base, self.state.adapters),
+                                    lambda batch: self.steps.token_logps(
+                                        self.base, self.state.adapters, batch))
         else:
             self.batcher = batcher(self.train_tokens, self.data_config, tokenizer,
                                    config.train.batch_size, config.train.seed)

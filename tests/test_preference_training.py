@@ -216,18 +216,23 @@ def test_grpo_exact_match_rewards_reference_answers_and_bad_rewards_are_one_line
                "objective.reward=regex")
 
 
-def test_grpo_resumes_exactly(tiny, data, tmp_path):
-    """The sampling key of rollout n is (seed, n) and the prompt order is the data state's,
-    so a run stopped at a checkpoint continues with exactly the rollouts and losses a run
-    without the stop has."""
-    options = ["objective.max_new_tokens=2", "objective.group_size=2",
-               "objective.reward=regex", "objective.pattern=e", "checkpoint.every=2",
-               "train.schedule=constant"]
+def test_grpo_resumes_exactly_even_between_a_rollouts_updates(tiny, data, tmp_path):
+    """The sampling key of rollout n is (seed, n) and the prompt order is the data state's;
+    with iterations 2 a checkpoint after step 3 falls between rollout 2's two updates and
+    keeps that rollout. A run stopped there continues with exactly the losses of a run
+    without the stop, and the second update on a rollout clips (ρ ≠ 1)."""
+    options = ["objective.max_new_tokens=2", "objective.group_size=4",
+               "objective.reward=regex", "objective.pattern=e", "objective.iterations=2",
+               "objective.epsilon=0.01", "checkpoint.every=3", "train.schedule=constant",
+               "train.learning_rate=0.05"]
     straight = _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 4,
                       "straight", *options)
-    _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 2, "stopped",
+    _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 3, "stopped",
            *options)
     resumed = _train(tiny, data["prompts"], tmp_path, "grpo", "prompt_completion", 4,
                      "stopped", *options)
-    for key in ("loss", "reward", "kl"):
+    for key in ("loss", "reward", "kl", "clip_ratio/region_mean"):
         assert [r[key] for r in resumed] == [r[key] for r in straight]
+    assert [r["reward"] for r in straight[:2]] == [straight[0]["reward"]] * 2  # one rollout
+    assert straight[0]["clip_ratio/region_mean"] == 0
+    assert max(r["clip_ratio/region_mean"] for r in straight[1::2]) > 0

@@ -8,8 +8,9 @@ the division, as Dr. GRPO does). The update minimises, over completion tokens,
 
     −min(ρ·A, clip(ρ, 1−ε, 1+ε_high)·A) + β·(exp(ref − logp) − (ref − logp) − 1)
 
-with ρ = π(token)/π_old(token) (1 in value with one update per rollout, its gradient
-that of log π) and the KL term the k3 estimator against the reference: the base with the
+with ρ = π(token)/π_old(token) (1 in value at a rollout's first update, its gradient that
+of log π; `iterations` > 1 updates again on the same rollout, π_old the policy that
+sampled it) and the KL term the k3 estimator against the reference: the base with the
 adapter off. `loss_type` averages it: `grpo` over each completion's tokens, then over
 completions; `bnpo` over all the batch's tokens; `dr_grpo` divides the batch's sum by
 completions × max_new_tokens (Liu et al. 2025, unbiased).
@@ -115,6 +116,9 @@ class Grpo(ObjectiveBase):
         epsilon_high: float | None = dataclasses.field(default=None, metadata=dict(above=0.0))
         loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
         scale_rewards: Literal["group", "batch", "none"] = "group"
+        # Updates per rollout (TRL's num_iterations, μ): from the second on, ρ differs
+        # from 1 and the clip acts.
+        iterations: int = dataclasses.field(default=1, metadata=dict(min=1))
 
     @classmethod
     def uses_reference(cls, config) -> bool:

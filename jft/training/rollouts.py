@@ -7,7 +7,8 @@ token included) the targets, and each token carries its completion's advantage
 (`jft.objectives.grpo`). prompt_len is the longest prompt of the data, rounded up, so
 neither sampling nor the update ever recompiles. Prompts are drawn in a shuffled order per
 epoch, as the Batcher draws examples; `state()` / `restore()` resume exactly: the sampling
-key of batch n is (seed, n).
+key of rollout n is (seed, n). With `iterations` > 1 each rollout is updated on that many
+times, carrying the sampling policy's log-probs (π_old).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from jft.errors import JftError
 from jft.inference.generation import PROMPT_BUCKET, Sampling, _round_up, sample_tokens
 from jft.objectives import rewards as reward_functions
-from jft.objectives.grpo import ADVANTAGE_FIELD, group_advantages, reward_names
+from jft.objectives.grpo import ADVANTAGE_FIELD, OLD_LOGPS_FIELD, group_advantages, reward_names
 from jft.training.data import completion_reference
 
 _STATE_VERSION = 1
@@ -31,9 +32,14 @@ class Rollouts:
     """An endless iterator of GRPO batches; `last_metrics` describes the latest one."""
 
     def __init__(self, records, tokenizer, options, data_config, batch_size: int,
-                 seed: int, current: Callable[[], tuple[Any, Any, Sequence]]):
+                 seed: int, current: Callable[[], tuple[Any, Any, Sequence]],
+                 logps: Callable[[dict], Any]):
+        """`current()`: (model config, params, adapters) to sample with now; `logps(batch)`:
+        the current policy's per-token log-probs of a batch (π_old, with `iterations` > 1)."""
         self.options, self.batch_size, self.seed = options, batch_size, seed
-        self.tokenizer, self.current = tokenizer, current
+        self.tokenizer, self.current, self.logps = tokenizer, current, logps
+        self.batch: dict[str, np.ndarray] | None = None  # the rollout being updated on
+        self.uses = 0  # updates made on it so far
         self.names = reward_names(options)
         self.rewards = reward_functions.load_rewards(self.names, options.pattern)
         self.examples = [self._example(record, data_config.format) for record in records]
@@ -67,6 +73,12 @@ class Rollouts:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.batch is None or self.uses == self.options.iterations:
+            self.batch, self.uses = self._rollout(), 0
+        self.uses += 1
+        return self.batch
+
+    def _rollout(self) -> dict[str, np.ndarray]:
         examples = [self.examples[i] for i in self._next_indices()]
         group = self.options.group_size
         prompts = [e["_ids"] for e in examples for _ in range(group)]
@@ -88,13 +100,23 @@ class Rollouts:
         advantages = group_advantages(np.asarray(scores), group, self.options.scale_rewards)
         self.last_metrics = self._metrics(np.asarray(scores), np.asarray(per_reward),
                                           completions)
-        return self._assemble(prompts, completions, advantages)
+        batch = self._assemble(prompts, completions, advantages)
+        if self.options.iterations > 1:
+            batch[OLD_LOGPS_FIELD] = np.asarray(self.logps(batch), np.float32)
+        return batch
 
     def state(self) -> dict:
-        return {"version": _STATE_VERSION, "epoch": self.epoch, "index": self.index,
-                "drawn": self.drawn, "counters": dict(self.counters),
-                "settings": {"prompts": len(self.examples), "batch_size": self.batch_size,
-                             "seed": self.seed}}
+        """JSON: the position, and a rollout with updates still to come on it (sampled by
+        a policy that is gone, so it is kept rather than drawn again)."""
+        state = {"version": _STATE_VERSION, "epoch": self.epoch, "index": self.index,
+                 "drawn": self.drawn, "counters": dict(self.counters),
+                 "settings": {"prompts": len(self.examples), "batch_size": self.batch_size,
+                              "seed": self.seed}}
+        if self.batch is not None and self.uses < self.options.iterations:
+            state["rollout"] = {"uses": self.uses, "metrics": self.last_metrics,
+                                "batch": {k: [str(v.dtype), v.tolist()]
+                                          for k, v in self.batch.items()}}
+        return state
 
     def restore(self, state: Mapping) -> None:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
@@ -104,6 +126,11 @@ class Rollouts:
                            f"{self.state()['settings']}; resume with the same data and settings")
         self.epoch, self.index, self.drawn = state["epoch"], state["index"], state["drawn"]
         self.counters = {k: int(v) for k, v in state["counters"].items()}
+        rollout = state.get("rollout")
+        if rollout is not None:
+            self.batch = {k: np.asarray(values, dtype) for k, (dtype, values)
+                          in rollout["batch"].items()}
+            self.uses, self.last_metrics = rollout["uses"], rollout["metrics"]
 
     # -- internals -------------------------------------------------------------------------
 
