@@ -4,7 +4,8 @@
 
 1. `cost`: one train step of SFT and of DPO with the same LoRA (r=16, all linears) on the
    same [chosen; rejected] batch of examples/preference (4 pairs, 96 tokens), side by side
-   in this process: XLA's memory analysis of each compiled step and the median step time;
+   in this process: XLA's memory analysis of each compiled step and the median step time
+   (steps taken round-robin, one of each in turn);
    DPO once with its reference pass (the adapter off) and once with precomputed reference
    log-probs.
 2. `dpo`: `python -m jft.train examples/preference/config.yaml`: eval reward accuracy and
@@ -62,6 +63,7 @@ def cost(args) -> dict:
     }
     out = {"batch": {"pairs": 4, "rows": int(batch["tokens"].shape[0]),
                      "length": int(batch["tokens"].shape[1])}}
+    runs = {}
     for name, (objective, fed) in settings.items():
         base, adapter = create("lora", jax.random.key(0), model.params, model.config, r=16,
                                alpha=32, targets="all-linear")
@@ -71,19 +73,21 @@ def cost(args) -> dict:
                        static_argnums=(0, 1), donate_argnums=2)
         compiled = step.lower(model.config, optimizer, state, base, fed).compile()
         stats = compiled.memory_analysis()
-        record = {"argument_bytes": int(stats.argument_size_in_bytes),
-                  "temp_bytes": int(stats.temp_size_in_bytes)}
-        times = []
-        for i in range(args.warmup + args.steps):
+        out[name] = {"argument_bytes": int(stats.argument_size_in_bytes),
+                     "temp_bytes": int(stats.temp_size_in_bytes), "step_times_s": []}
+        runs[name] = [compiled, state, base, fed]
+    # Round-robin, one step of each in turn: other load on the machine falls on all alike.
+    for i in range(args.warmup + args.steps):
+        for name, run in runs.items():
+            compiled, state, base, fed = run
             start = time.perf_counter()
-            state, metrics = compiled(state, base, fed)
+            run[1], metrics = compiled(state, base, fed)
             jax.block_until_ready(metrics)
             if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        record["step_time_s"] = statistics.median(times)
-        record["step_times_s"] = times
-        out[name] = record
-        print(name, record, flush=True)
+                out[name]["step_times_s"].append(time.perf_counter() - start)
+    for name in settings:
+        out[name]["step_time_s"] = statistics.median(out[name]["step_times_s"])
+        print(name, out[name], flush=True)
     sft = out["sft"]
     for name in ("dpo (reference pass)", "dpo (precomputed reference)"):
         out[name]["time_vs_sft"] = out[name]["step_time_s"] / sft["step_time_s"]

@@ -212,6 +212,7 @@ def test_kill_9_between_tasks_and_mid_task_resumes_to_the_uninterrupted_run(setu
     (lambda c: c["continual"].update(strategy="osf"), "method.name"),
     (lambda c: c.update(tasks=[]), "tasks"),
     (lambda c: c["eval"].update(every=5), "eval.every"),
+    (lambda c: c.update(objective="orpo"), "objective"),
     (lambda c: c["data"].update(train="x.jsonl"), "data.train"),
 ])
 def test_bad_configs_are_one_line_naming_the_key(setup, tmp_path, capsys, edit, key):

@@ -149,6 +149,10 @@ def continual_from_dict(raw: Mapping[str, Any], source: str = "config",
                          f"(tasks[i].{key}); remove data.{key}")
     data["train"], data["eval"] = tasks[0].train, tasks[0].eval
     base = from_dict(raw, source, overrides, check_paths=check_paths)
+    if base.objective.name != "sft":
+        context.fail("objective", f"objective {base.objective.name} does not apply to a "
+                     "continual run: its strategy chooses each stage's loss (SFT, with "
+                     "GeRe's or O-LoRA's terms); remove objective")
     if base.eval.every:
         context.fail("eval.every", "eval.every does not apply to a continual run: every task "
                      "is evaluated after each stage; remove it")

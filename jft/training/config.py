@@ -676,6 +676,7 @@ def _check_combinations(config: TrainConfig, context: _Context, check_paths: boo
 
 def _check_objective(config: TrainConfig, context: _Context, check_paths: bool) -> None:
     """The objective against the data format, the method and its own options."""
+    from jft.objectives import OBJECTIVES
     from jft.peft import get_method
     from jft.training.data import PAIRED_FORMATS
 
@@ -684,7 +685,7 @@ def _check_objective(config: TrainConfig, context: _Context, check_paths: bool) 
     formats = kind.formats or tuple(f for f in typing.get_args(
         typing.get_type_hints(DataConfig)["format"]) if f not in PAIRED_FORMATS)
     if data_format not in formats:
-        takes = [name for name, other in _objectives().items()
+        takes = [name for name, other in OBJECTIVES.items()
                  if data_format in (other.formats or ())]
         hint = (f" (format {data_format} is for objective {', '.join(takes)})"
                 if data_format in PAIRED_FORMATS else "")
@@ -711,12 +712,6 @@ def _check_objective(config: TrainConfig, context: _Context, check_paths: bool) 
             check_adapter_exists(reference, "objective.reference")
         except JftError as error:
             context.fail("objective.reference", str(error))
-
-
-def _objectives() -> dict[str, type]:
-    from jft.objectives import OBJECTIVES
-
-    return OBJECTIVES
 
 
 def _join(prefix: str, key: Any) -> str:

@@ -33,7 +33,12 @@ Formats (the fields each record needs):
   turn with no such token gets EOS appended to the turn. Every role must be one the template knows
   (`jft.text.chat_template.template_roles`).
 
-With `completion_only_loss=False` every token but an example's first is a target, in all formats.
+- `preference` (`prompt`, `chosen`, `rejected`) and `kto` (`prompt`, `completion`, `label`): each
+  example is two sequences, tokenized into `PairedExamples` by `jft.training.preference_data`
+  and batched as [first; second] halves packed alike.
+
+With `completion_only_loss=False` every token but an example's first is a target, in the first
+three formats.
 
 Batching: examples are shuffled by (seed, epoch) and taken in windows of `window` examples. With
 packing, each window is packed by first-fit decreasing into rows of max_length (no example is ever
