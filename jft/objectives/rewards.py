@@ -41,19 +41,23 @@ def exact_match(completion: str, reference: str) -> float:
     return float(completion.strip() == reference.strip())
 
 
-def load_rewards(names: Sequence[str], pattern: str | None) -> list[Reward]:
-    """The reward functions; a user function that cannot be imported is a one-line error."""
+def load_rewards(names: Sequence[str], pattern: str | None
+                 ) -> list[Callable[[str, str, Mapping, str], float]]:
+    """The reward functions, each called as (prompt, completion, example, reference answer);
+    a user function that cannot be imported is a one-line error."""
     compiled = re.compile(pattern) if pattern is not None else None
     rewards = []
     for name in names:
         if name == "exact_match":
-            rewards.append(lambda prompt, completion, example: exact_match(
-                completion, example["_reference"]))
+            rewards.append(lambda prompt, completion, example, reference: exact_match(
+                completion, reference))
         elif name == "regex":
-            rewards.append(lambda prompt, completion, example: float(
+            rewards.append(lambda prompt, completion, example, reference: float(
                 compiled.search(completion) is not None))
         else:
-            rewards.append(_import(name))
+            user = _import(name)
+            rewards.append(lambda prompt, completion, example, reference, user=user: user(
+                prompt, completion, example))
     return rewards
 
 
@@ -73,13 +77,14 @@ def _import(name: str) -> Reward:
     return function
 
 
-def score(rewards: Sequence[Reward], weights: Sequence[float] | None, prompt: str,
-          completion: str, example: Mapping, names: Sequence[str]) -> tuple[float, list[float]]:
+def score(rewards: Sequence[Callable], weights: Sequence[float] | None, prompt: str,
+          completion: str, example: Mapping, reference: str, names: Sequence[str]
+          ) -> tuple[float, list[float]]:
     """(the weighted sum, each reward's value) of one completion."""
     values = []
     for reward, name in zip(rewards, names, strict=True):
         try:
-            value = reward(prompt, completion, example)
+            value = reward(prompt, completion, example, reference)
             value = float(value)
         except Exception as error:  # a user function's failure, named
             raise JftError(f"objective.reward {name} failed on a completion: "

@@ -14,7 +14,7 @@ times, carrying the sampling policy's log-probs (π_old).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -26,6 +26,13 @@ from jft.objectives.grpo import ADVANTAGE_FIELD, OLD_LOGPS_FIELD, group_advantag
 from jft.training.data import completion_reference
 
 _STATE_VERSION = 1
+
+
+class _Prompt(NamedTuple):
+    record: dict  # the data record, as the reward functions see it
+    ids: list[int]  # what sampling is fed
+    prompt: str  # the prompt's text (a chat prompt as the template renders it)
+    reference: str  # exact_match's answer
 
 
 class Rollouts:
@@ -45,7 +52,7 @@ class Rollouts:
         self.examples = [self._example(record, data_config.format) for record in records]
         if not self.examples:
             raise JftError(f"{data_config.train}: no prompts to sample completions for")
-        longest = max(len(e["_ids"]) for e in self.examples)
+        longest = max(len(e.ids) for e in self.examples)
         self.prompt_len = _round_up(longest, PROMPT_BUCKET)
         self.length = self.prompt_len + options.max_new_tokens
         self.sampling = Sampling(options.temperature, options.top_k, options.top_p)
@@ -55,7 +62,7 @@ class Rollouts:
         self.epoch = self.index = self.drawn = 0
         self.last_metrics: dict[str, float] = {}
 
-    def _example(self, record: Mapping, format: str) -> dict:
+    def _example(self, record: Mapping, format: str) -> _Prompt:
         ids, reference = completion_reference(record, format, self.tokenizer)
         prompt = record["prompt"] if isinstance(record.get("prompt"), str) else (
             self.tokenizer.decode(ids, skip_special_tokens=False))
@@ -65,7 +72,7 @@ class Rollouts:
                 raise JftError(f"objective.answer_field: the data has no field {field!r}; its "
                                f"fields: {', '.join(record)}")
             reference = str(record[field])
-        return {**record, "_ids": list(ids), "_prompt": prompt, "_reference": reference}
+        return _Prompt(dict(record), list(ids), prompt, reference)
 
     # -- the Batcher's interface -----------------------------------------------------------
 
@@ -81,7 +88,7 @@ class Rollouts:
     def _rollout(self) -> dict[str, np.ndarray]:
         examples = [self.examples[i] for i in self._next_indices()]
         group = self.options.group_size
-        prompts = [e["_ids"] for e in examples for _ in range(group)]
+        prompts = [e.ids for e in examples for _ in range(group)]
         config, params, adapters = self.current()
         key = jax.random.fold_in(jax.random.key(self.seed), self.drawn)
         self.drawn += 1
@@ -93,8 +100,8 @@ class Rollouts:
             example = examples[row // group]
             text = self.tokenizer.decode([t for t in ids if t not in self.stop_ids])
             total, values = reward_functions.score(self.rewards, self.options.reward_weights,
-                                                   example["_prompt"], text, example,
-                                                   self.names)
+                                                   example.prompt, text, example.record,
+                                                   example.reference, self.names)
             scores.append(total)
             per_reward.append(values)
         advantages = group_advantages(np.asarray(scores), group, self.options.scale_rewards)
