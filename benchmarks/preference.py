@@ -42,7 +42,7 @@ def cost(args) -> dict:
 
     import jft
     from jft.objectives import make_objective
-    from jft.objectives.sequences import REFERENCE_FIELD
+    from jft.objectives.sequences import REFERENCE_FIELD, token_logps
     from jft.peft import create
     from jft.peft.optim import masked_optimizer
     from jft.training.data import DataConfig, batcher, read_split
@@ -53,8 +53,7 @@ def cost(args) -> dict:
                       format="preference", max_length=96, packing=False)
     _, tokens = read_split(data, model.tokenizer)
     batch = next(iter(batcher(tokens, data, model.tokenizer, 4)))
-    logps = jax.jit(lambda p, b: __import__("jft.objectives.sequences", fromlist=["x"])
-                    .token_logps(model.config, p, (), b)[0])(model.params, batch)
+    logps = jax.jit(lambda p, b: token_logps(model.config, p, (), b)[0])(model.params, batch)
     settings = {
         "sft": (make_objective("sft"), batch),
         "dpo (reference pass)": (make_objective("dpo"), batch),

@@ -198,6 +198,7 @@ class Run:
         adapters (a fresh run; written once the directory is committed) or read from the
         run's cache (a resumed one); then batched with the data."""
         from jft.training import reference
+        from jft.training.data import pad_id
 
         splits = {"train": self.train_tokens}
         if self.eval_tokens is not None:
@@ -210,7 +211,7 @@ class Run:
                 values = reference.compute(
                     lambda batch: self.steps.token_logps(self.base, adapters, batch), splits,
                     self.data_config.max_length, self.config.train.batch_size,
-                    self._pad_id())
+                    pad_id(self.model.tokenizer))
             self._new_reference = values
         self.train_tokens = reference.with_reference(self.train_tokens, values["train_first"],
                                                      values["train_second"])
@@ -218,10 +219,6 @@ class Run:
             self.eval_tokens = reference.with_reference(
                 self.eval_tokens, values["eval_first"], values["eval_second"])
         self._make_batchers()
-
-    def _pad_id(self) -> int:
-        tokenizer = self.model.tokenizer
-        return next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
 
     def _begin(self, config, rules):
         from jft.sharding.distributed import is_main_process

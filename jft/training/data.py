@@ -1280,7 +1280,6 @@ def batcher(
     """Batches of a split's tokens: shuffled and endless for "train", in order and one pass
     (the last batch padded) for "eval"."""
     train = split == "train"
-    pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
     return Batcher(
         tokenized,
         batch_size,
@@ -1290,8 +1289,13 @@ def batcher(
         shuffle=train,
         epochs=None if train else 1,
         overlong=config.overlong,
-        pad_id=pad_id,
+        pad_id=pad_id(tokenizer),
     )
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    """What fills a batch's empty positions: the pad token, else EOS, else 0."""
+    return next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
 
 
 def make_batcher(

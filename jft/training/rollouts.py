@@ -23,7 +23,7 @@ from jft.errors import JftError
 from jft.inference.generation import PROMPT_BUCKET, Sampling, _round_up, sample_tokens
 from jft.objectives import rewards as reward_functions
 from jft.objectives.grpo import ADVANTAGE_FIELD, OLD_LOGPS_FIELD, group_advantages, reward_names
-from jft.training.data import completion_reference
+from jft.training.data import completion_reference, pad_id
 
 _STATE_VERSION = 1
 
@@ -57,7 +57,7 @@ class Rollouts:
         self.length = self.prompt_len + options.max_new_tokens
         self.sampling = Sampling(options.temperature, options.top_k, options.top_p)
         self.stop_ids = sorted(set(tokenizer.stop_ids))
-        self.pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+        self.pad_id = pad_id(tokenizer)
         self.counters = dict.fromkeys(("examples", "tokens", "targets", "truncated", "dropped"), 0)
         self.epoch = self.index = self.drawn = 0
         self.last_metrics: dict[str, float] = {}
