@@ -10,9 +10,20 @@ from __future__ import annotations
 from types import ModuleType
 
 from jft.errors import JftError
-from jft.models import gemma, gemma2, gemma3, llama, qwen2, qwen3
+from jft.models import (
+    gemma,
+    gemma2,
+    gemma3,
+    llama,
+    mixtral,
+    olmoe,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from jft.models.checkpoint_fields import GGUFMetadata, HFConfig
-from jft.models.config import ModelConfig, RopeConfig, RuntimePolicy
+from jft.models.config import ModelConfig, MoeConfig, RopeConfig, RuntimePolicy
 from jft.models.sites import LinearSite, linear_sites
 from jft.models.transformer import (
     PARAM_AXES,
@@ -24,13 +35,15 @@ from jft.models.transformer import (
     param_shapes,
 )
 
-FAMILIES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, gemma, gemma2, gemma3)
+FAMILIES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, gemma, gemma2, gemma3, mixtral,
+                                    qwen2_moe, qwen3_moe, olmoe)
 
 __all__ = [
     "FAMILIES",
     "PARAM_AXES",
     "LinearSite",
     "ModelConfig",
+    "MoeConfig",
     "RopeConfig",
     "RuntimePolicy",
     "config_from_gguf",

@@ -73,9 +73,43 @@ class RuntimePolicy:
     remat: RematPolicy = "none"
     attention_impl: Literal["xla", "cudnn", "blockwise"] | None = None
     kernels: Literal["auto", "pallas", "xla"] = "auto"
+    # Routed experts as grouped matmuls over tokens sorted by expert, or every token
+    # through every expert and the unchosen weighted 0 (the reference the tests compare to).
+    moe_impl: Literal["grouped", "dense"] = "grouped"
 
 
 POLICY_FIELDS = tuple(field.name for field in dataclasses.fields(RuntimePolicy))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts feed-forward: each token goes to `top_k` of `num_experts`
+    expert MLPs of width `expert_mlp_dim`, chosen by a linear router's softmax, with no
+    capacity limit (no token is dropped). Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE differ
+    in whether the chosen weights are renormalised to sum to 1 (`norm_topk`) and in
+    Qwen2-MoE's shared expert, a dense MLP every token goes through (the model's own
+    `mlp_dim`-wide gate/up/down), scaled by a sigmoid gate when `shared_gate`.
+
+    Training adds `aux_loss_coef` times the load-balancing loss (Switch Transformer's, as
+    transformers computes it) and `z_loss_coef` times the router z-loss (ST-MoE's mean
+    squared logsumexp of the router logits)."""
+
+    num_experts: int
+    top_k: int
+    expert_mlp_dim: int
+    norm_topk: bool = True
+    shared_expert: bool = False
+    shared_gate: bool = False
+    aux_loss_coef: float = 0.001
+    z_loss_coef: float = 0.0
+    # The checkpoint's dense `intermediate_size`, written back to config.json (unused by
+    # layers that are all sparse; a shared expert's width is the model's mlp_dim).
+    dense_mlp_dim: int | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.top_k} must be between 1 and "
+                             f"num_experts={self.num_experts}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +136,9 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    # OLMoE: the q and k norms span all heads together ([N, H], [K, H]), not each head.
+    qk_norm_whole: bool = False
+    clip_qkv: float | None = None  # OLMoE: q, k and v clamped to [-clip, clip]
     post_norms: bool = False  # Gemma 2/3: norms after attention and after the MLP too
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(embed_dim)
@@ -112,6 +149,7 @@ class ModelConfig:
     max_position: int = 8192
     bos_id: int | None = None
     eos_id: int | None = None
+    moe: MoeConfig | None = None
     policy: RuntimePolicy = RuntimePolicy()
 
     def __post_init__(self):
@@ -135,6 +173,13 @@ class ModelConfig:
     remat = property(lambda self: self.policy.remat)
     attention_impl = property(lambda self: self.policy.attention_impl)
     kernels = property(lambda self: self.policy.kernels)
+    moe_impl = property(lambda self: self.policy.moe_impl)
+
+    # Sizes of the MoE logical axes (`sites.AXIS_SIZES`); 0 on a dense model.
+    num_experts = property(lambda self: self.moe.num_experts if self.moe else 0)
+    expert_mlp_dim = property(lambda self: self.moe.expert_mlp_dim if self.moe else 0)
+    unit_dim = 1  # a linear with one output (Qwen2-MoE's shared-expert gate)
+    gate_up_dim = 2  # an expert stack's fused gate and up projections, gate first
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with `changes`, architecture fields or the policy's (`dtype=...`)."""
@@ -153,8 +198,14 @@ class ModelConfig:
         d, h, kv, k, f = (
             self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
         )
-        per_layer = d * h * k * 2 + d * kv * k * 2 + 3 * d * f + 2 * d
+        has_mlp = self.moe is None or self.moe.shared_expert
+        per_layer = d * h * k * 2 + d * kv * k * 2 + 3 * d * f * has_mlp + 2 * d
         per_layer += (h + 2 * kv) * k * self.qkv_bias + d * self.o_bias
         per_layer += (2 * f + d) * self.mlp_bias + 2 * k * self.qk_norm + 2 * d * self.post_norms
+        if self.qk_norm_whole:
+            per_layer += (h + kv) * k - 2 * k
+        if self.moe is not None:
+            e = self.moe
+            per_layer += e.num_experts * (d + 3 * d * e.expert_mlp_dim) + d * e.shared_gate
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head

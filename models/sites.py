@@ -21,15 +21,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
 from jft.models.config import ModelConfig
+from jft.models.grouped import grouped_matmul
 
 # The HF module path of decoder layer {i}; a site's path continues it.
 HF_LAYER = "model.layers.{i}."
 # A logical axis -> the ModelConfig field that sizes it.
 AXIS_SIZES = {"vocab": "vocab_size", "embed": "embed_dim", "heads": "num_heads",
               "kv_heads": "num_kv_heads", "head_dim": "head_dim", "mlp": "mlp_dim",
-              "layers": "num_layers"}
+              "layers": "num_layers", "experts": "num_experts",
+              "expert_mlp": "expert_mlp_dim", "unit": "unit_dim", "gate_up": "gate_up_dim"}
 RANK = "r"  # the letter of LoRA's rank in the derived einsums
+EXPERT = "E"  # the letter of a stack of routed experts' own axis
 
 
 def axis_size(config: ModelConfig, axis: str) -> int:
@@ -51,6 +56,14 @@ class LinearSite:
         model's own params have it (merges may create it where they do not).
     input: the activation it reads; linears declaring the same one read the same tensor
         (q, k and v the attention norm's output). None: its own.
+    experts: a stack of routed experts' linears, one matrix per expert: the weight's first
+        letter is `EXPERT`, which also follows the lead in x and y (the dense form
+        "BTED,EDF->BTEF", every token through every expert). Run grouped, x is instead
+        the rows routed to experts [M, *in], sorted by expert, with the group sizes [E].
+        A method's factors then carry the expert axis too (per-expert LoRA).
+    parameter: PEFT reaches it as a parameter (`target_parameters`), not as a module:
+        fused expert stacks and routers that are not `nn.Linear`; `hf_path` names the
+        parameter ("mlp.experts.gate_up_proj").
     """
 
     name: str
@@ -62,6 +75,8 @@ class LinearSite:
     bias: str | None = None
     bias_when: str | None = None
     input: str | None = None
+    experts: bool = False
+    parameter: bool = False
 
     def __post_init__(self):
         x, w, y = self._specs()
@@ -69,7 +84,10 @@ class LinearSite:
         if not (x.startswith(lead) and y.startswith(lead) and lead):
             raise ValueError(f"{self.name}: x and y of {self.equation!r} must share their "
                              "leading (batch, token) letters")
-        if sorted(w) != sorted(self.in_letters + self.out_letters):
+        if self.experts and not (w[0] == EXPERT and x[len(lead)] == EXPERT == y[len(lead)]):
+            raise ValueError(f"{self.name}: an expert stack's weight starts with {EXPERT!r}, "
+                             "which follows the lead in x and y")
+        if sorted(w) != sorted(self.group_letters + self.in_letters + self.out_letters):
             raise ValueError(f"{self.name}: the weight of {self.equation!r} must hold exactly "
                              "the input letters it contracts and the output letters it adds")
         if len(self.in_axes) != len(self.in_letters) or len(self.out_axes) != len(
@@ -93,12 +111,17 @@ class LinearSite:
         return "".join(c for c in x if c not in w)
 
     @property
+    def group_letters(self) -> str:
+        """The expert letter of an expert stack, else ""."""
+        return EXPERT if self.experts else ""
+
+    @property
     def in_letters(self) -> str:
-        return self._specs()[0][len(self.lead):]
+        return self._specs()[0][len(self.lead) + len(self.group_letters):]
 
     @property
     def out_letters(self) -> str:
-        return self._specs()[2][len(self.lead):]
+        return self._specs()[2][len(self.lead) + len(self.group_letters):]
 
     @property
     def weight_letters(self) -> str:
@@ -110,8 +133,13 @@ class LinearSite:
     def weight_axes(self) -> tuple[str, ...]:
         """The stacked weight's logical axes: ("layers", *one per weight letter)."""
         names = dict(zip(self.in_letters + self.out_letters, self.in_axes + self.out_axes,
-                         strict=True))
+                         strict=True), **({EXPERT: "experts"} if self.experts else {}))
         return ("layers", *(names[c] for c in self.weight_letters))
+
+    @property
+    def group_axes(self) -> tuple[str, ...]:
+        """The logical axes a method's per-expert factors carry before their own."""
+        return ("experts",) if self.experts else ()
 
     @property
     def bias_axes(self) -> tuple[str, ...]:
@@ -129,6 +157,10 @@ class LinearSite:
         dims_in, dims_out = self.dims(config)
         return math.prod(dims_in), math.prod(dims_out)
 
+    def group_shape(self, config: ModelConfig) -> tuple[int, ...]:
+        """(num_experts,) for an expert stack, else ()."""
+        return tuple(axis_size(config, a) for a in self.group_axes)
+
     def weight_shape(self, config: ModelConfig) -> tuple[int, ...]:
         """One layer's weight shape, in its stored layout."""
         return tuple(axis_size(config, a) for a in self.weight_axes[1:])
@@ -137,9 +169,31 @@ class LinearSite:
         """LoRA's einsums through rank r: 'BTNH,NHD->BTD' gives 'BTNH,NHr->BTr' (x A, A
         [*in, r]) and 'BTr,rD->BTD' ((x A) B, B [r, *out])."""
         x, _, y = self._specs()
-        lead = self.lead
-        return (f"{x},{self.in_letters}{RANK}->{lead}{RANK}",
-                f"{lead}{RANK},{RANK}{self.out_letters}->{y}")
+        lead, group = self.lead, self.group_letters
+        return (f"{x},{group}{self.in_letters}{RANK}->{lead}{group}{RANK}",
+                f"{lead}{group}{RANK},{group}{RANK}{self.out_letters}->{y}")
+
+    # ------------------------------------------------- applying it (dense or grouped)
+
+    def project(self, x, weight, groups=None):
+        """x through the weight [*group, *in, *out] (stored layout): the site's einsum,
+        or for an expert stack run grouped (`groups`: the group sizes [E]) a grouped
+        matmul of the routed rows x [M, *in] -> [M, *out]."""
+        if groups is None:
+            return jnp.einsum(self.equation, x, weight.astype(x.dtype))
+        return _grouped(x, self.to_in_out(weight), len(self.in_letters), groups)
+
+    def shrink(self, x, a, groups=None):
+        """x A: [lead, *group, *in] x [*group, *in, r] -> [lead, *group, r]."""
+        if groups is None:
+            return jnp.einsum(self.low_rank_equations()[0], x, a)
+        return _grouped(x, a, len(self.in_letters), groups)
+
+    def expand(self, xa, b, groups=None):
+        """(x A) B: [lead, *group, r] x [*group, r, *out] -> [lead, *group, *out]."""
+        if groups is None:
+            return jnp.einsum(self.low_rank_equations()[1], xa, b)
+        return _grouped(xa, b, 1, groups)
 
     def path(self, layer: int) -> str:
         """The HF module path in layer `layer`, e.g. `model.layers.3.self_attn.q_proj`."""
@@ -153,12 +207,23 @@ class LinearSite:
     # ---------------------------------------------------------------- layouts
 
     def to_in_out(self, weight, lead: int = 0):
-        """A weight [*lead, stored layout] as [*lead, *in, *out] (a transpose, or itself)."""
-        return _transpose(weight, self.weight_letters, self.in_letters + self.out_letters, lead)
+        """A weight [*lead, stored layout] as [*lead, *group, *in, *out] (a transpose, or
+        itself)."""
+        return _transpose(weight, self.weight_letters,
+                          self.group_letters + self.in_letters + self.out_letters, lead)
 
     def from_in_out(self, weight, lead: int = 0):
         """Inverse of `to_in_out`."""
-        return _transpose(weight, self.in_letters + self.out_letters, self.weight_letters, lead)
+        return _transpose(weight, self.group_letters + self.in_letters + self.out_letters,
+                          self.weight_letters, lead)
+
+
+def _grouped(x, weight, in_count: int, groups):
+    """Rows x [M, *in] through per-group weights [G, *in, *out] -> [M, *out]."""
+    rows, dims_in, dims_out = x.shape[0], weight.shape[1:1 + in_count], weight.shape[1 + in_count:]
+    matrix = weight.reshape(weight.shape[0], math.prod(dims_in), math.prod(dims_out))
+    y = grouped_matmul(x.reshape(rows, -1), matrix.astype(x.dtype), groups)
+    return y.reshape(rows, *dims_out)
 
 
 def _transpose(array, source: str, target: str, lead: int):
@@ -186,21 +251,28 @@ TRANSFORMER_SITES: tuple[LinearSite, ...] = (
 )
 
 
-# Families whose layers call other linears than the transformer's seven (none yet: an
-# MoE or vision family would declare its sites here, and its forward would call them).
+# Families whose layers call other linears than the transformer's seven (a vision family
+# would declare its sites here, and its forward would call them). MoE models' sites
+# follow from their `MoeConfig` (`jft.models.moe.moe_sites`).
 FAMILY_SITES: dict[str, tuple[LinearSite, ...]] = {}
 
 
 def linear_sites(config: ModelConfig) -> tuple[LinearSite, ...]:
     """The linears a layer of this model calls, in call order."""
+    if config.moe is not None:
+        from jft.models.moe import moe_sites
+
+        return moe_sites(config.moe)
     return FAMILY_SITES.get(config.family, TRANSFORMER_SITES)
 
 
 def declared_sites() -> tuple[LinearSite, ...]:
     """Every site any family declares (the transformer's first), for checking names
     before there is a model."""
+    from jft.models.moe import SHARED_EXPERT_SITES
+
     out = {site.name: site for site in TRANSFORMER_SITES}
-    for sites in FAMILY_SITES.values():
+    for sites in (*FAMILY_SITES.values(), SHARED_EXPERT_SITES):
         out |= {site.name: site for site in sites if site.name not in out}
     return tuple(out.values())
 

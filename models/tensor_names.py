@@ -11,9 +11,11 @@ that holds it, so that a sharded load reads only the rows its devices hold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -105,6 +107,79 @@ def _bias_layout(site: LinearSite) -> Layout:
     return Layout((site.out_axes,), site.out_axes)
 
 
+@dataclass(frozen=True)
+class ExpertStackSource:
+    """A layer's stack of expert matrices (`LinearSite.experts`), stored either fused, as
+    transformers 5 keeps it in memory (`mlp.experts.gate_up_proj` [E, 2F, D]: per expert
+    [out, in], gate rows before up rows), or one tensor per expert and projection, as
+    save_pretrained writes it (`mlp.experts.{e}.gate_proj.weight` [F, D], `up_proj`, ...).
+    `parts` are those per-expert names ({i} the layer, {e} the expert), in output order."""
+
+    site: LinearSite
+    fused: str
+    parts: tuple[str, ...]
+
+    @property
+    def hf(self) -> str:
+        return self.fused
+
+    @property
+    def gguf(self) -> str:
+        return self.fused
+
+    def read_layer(self, has, read, config: ModelConfig, i: int) -> np.ndarray:
+        """Layer i's stack in jft's layout [E, *in, *out], from whichever form is stored;
+        `read(name)` gives a whole tensor, `has(name)` says whether it is stored."""
+        dims_in, dims_out = self.site.dims(config)
+        size_in = math.prod(dims_in)
+        experts = config.num_experts
+        fused = self.fused.format(i=i)
+        if has(fused):
+            stack = read(fused, (experts, math.prod(dims_out), size_in))
+        else:
+            part_shape = (math.prod(dims_out) // len(self.parts), size_in)
+            stack = np.stack([np.concatenate([read(part.format(i=i, e=e), part_shape)
+                                              for part in self.parts])
+                              for e in range(experts)])
+        stack = stack.reshape(experts, *dims_out, *dims_in)
+        out_axes = range(1, 1 + len(dims_out))
+        return stack.transpose(0, *range(1 + len(dims_out), stack.ndim), *out_axes)
+
+    def checkpoint_tensors(self, stacked, config: ModelConfig, i: int):
+        """(name, shape, thunk reading it) per expert and part of layer i of the stacked
+        leaf [L, E, *in, *out], as save_pretrained writes them; one expert is read off the
+        device at a time."""
+        dims_in, dims_out = self.site.dims(config)
+        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
+        rows = size_out // len(self.parts)
+
+        def read(e, p):
+            matrix = np.asarray(stacked[i, e]).reshape(size_in, size_out).T
+            return matrix[p * rows:(p + 1) * rows]
+
+        for e in range(config.num_experts):
+            for p, part in enumerate(self.parts):
+                yield part.format(i=i, e=e), (rows, size_in), partial(read, e, p)
+
+
+def expert_sources(config: ModelConfig) -> dict[str, ExpertStackSource]:
+    """The expert stacks of an MoE family, in its checkpoint's naming."""
+    from jft.models import mixtral
+
+    module, (gate, up, down) = (mixtral.CHECKPOINT_EXPERTS if config.family == "mixtral"
+                                else ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    per_expert = HF_LAYER + module + ".experts.{e}.%s.weight"
+    sites = {site.name: site for site in linear_sites(config) if site.experts}
+    return {
+        "experts_gate_up": ExpertStackSource(sites["experts_gate_up"],
+                                             HF_LAYER + "mlp.experts.gate_up_proj",
+                                             (per_expert % gate, per_expert % up)),
+        "experts_down": ExpertStackSource(sites["experts_down"],
+                                          HF_LAYER + "mlp.experts.down_proj",
+                                          (per_expert % down,)),
+    }
+
+
 _BLK = "blk.{i}."
 
 TOP_LEVEL: dict[str, TensorSource] = {
@@ -122,17 +197,26 @@ def layer_sources(config: ModelConfig) -> dict[str, TensorSource]:
         return TensorSource(HF_LAYER + hf, _BLK + gguf, layout)
 
     embed = _same("embed")
-    sites = linear_sites(config)
-    linears = {site.name: src(f"{site.hf_path}.weight", f"{site.gguf}.weight",
-                              _linear_layout(site)) for site in sites}
+    sites = [site for site in linear_sites(config) if not site.experts]
+    # A parameter site's path already names its tensor (a router's `mlp.gate.weight`).
+    linears = {site.name: src(site.hf_path if site.parameter else f"{site.hf_path}.weight",
+                              f"{site.gguf}.weight", _linear_layout(site)) for site in sites}
+    if config.family == "mixtral":  # its checkpoints' name for the MoE module
+        from jft.models import mixtral
+
+        linears["router"] = dataclasses.replace(linears["router"], hf=linears["router"].hf.replace(
+            ".mlp.", f".{mixtral.CHECKPOINT_EXPERTS[0]}."))
     biases = {site.bias: src(f"{site.hf_path}.bias", f"{site.gguf}.bias", _bias_layout(site))
               for site in sites if site.bias is not None}
+    norms = (Layout((("heads", "head_dim"),), ("heads", "head_dim")),
+             Layout((("kv_heads", "head_dim"),), ("kv_heads", "head_dim"))
+             ) if config.qk_norm_whole else (_same("head_dim"),) * 2
     sources = {
         "attn_norm": src("input_layernorm.weight", "attn_norm.weight", embed),
         **linears,
         **biases,
-        "q_norm": src("self_attn.q_norm.weight", "attn_q_norm.weight", _same("head_dim")),
-        "k_norm": src("self_attn.k_norm.weight", "attn_k_norm.weight", _same("head_dim")),
+        "q_norm": src("self_attn.q_norm.weight", "attn_q_norm.weight", norms[0]),
+        "k_norm": src("self_attn.k_norm.weight", "attn_k_norm.weight", norms[1]),
     }
     if config.post_norms:
         # Gemma 2/3 reuse HF's `post_attention_layernorm` name for the norm *after*
@@ -159,8 +243,12 @@ def checkpoint_tensors(params: dict, config: ModelConfig, name_of: Callable[[Ten
 
     yield top("embed")
     sources = layer_sources(config)
+    experts = expert_sources(config) if config.moe is not None else {}
     for i in range(config.num_layers):
         for key, stacked in params["layers"].items():
+            if key in experts:
+                yield from experts[key].checkpoint_tensors(stacked, config, i)
+                continue
             source = sources[key]
             yield (name_of(source).format(i=i),
                    source.layout.checkpoint_shape(tuple(stacked.shape[1:])),

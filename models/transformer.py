@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jft.models import attention as attention_blocks
 from jft.models.config import ModelConfig
-from jft.models.sites import TRANSFORMER_SITES, LinearSite, linear_sites
+from jft.models.sites import LinearSite, declared_sites, linear_sites
 from jft.pallas_kernels import use_kernel
 from jft.quant import params as quantized
 from jft.quant.tensor import QuantizedTensor, dequantize, is_quantized
@@ -48,9 +48,11 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "post_attn_norm": ("layers", "embed"),
     "mlp_norm": ("layers", "embed"),
     "post_mlp_norm": ("layers", "embed"),
-    **{site.name: site.weight_axes for site in TRANSFORMER_SITES},
-    **{site.bias: site.bias_axes for site in TRANSFORMER_SITES if site.bias},
+    **{site.name: site.weight_axes for site in declared_sites()},
+    **{site.bias: site.bias_axes for site in declared_sites() if site.bias},
 }
+WHOLE_QK_NORM_AXES = {"q_norm": ("layers", "heads", "head_dim"),
+                      "k_norm": ("layers", "kv_heads", "head_dim")}
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
@@ -63,9 +65,11 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
         if site.hf_path.startswith("mlp.") and "mlp_norm" not in layers:
             layers["mlp_norm"] = (L, d)
         layers[site.name] = (L, *site.weight_shape(c))
-    layers.setdefault("mlp_norm", (L, d))
+    layers.setdefault("mlp_norm", (L, d))  # before the MoE router when there is no MLP
     layers |= {s.bias: (L, *s.dims(c)[1]) for s in sites if s.has_bias(c)}
-    if c.qk_norm:
+    if c.qk_norm_whole:
+        layers |= {"q_norm": (L, c.num_heads, h), "k_norm": (L, c.num_kv_heads, h)}
+    elif c.qk_norm:
         layers |= {"q_norm": (L, h), "k_norm": (L, h)}
     if c.post_norms:
         layers |= {"post_attn_norm": (L, d), "post_mlp_norm": (L, d)}
@@ -82,14 +86,15 @@ def logical_axes(config: ModelConfig | None = None) -> dict[str, tuple[str, ...]
         return PARAM_AXES
     sites = linear_sites(config)
     return (PARAM_AXES | {site.name: site.weight_axes for site in sites}
-            | {site.bias: site.bias_axes for site in sites if site.bias is not None})
+            | {site.bias: site.bias_axes for site in sites if site.bias is not None}
+            | (WHOLE_QK_NORM_AXES if config.qk_norm_whole else {}))
 
 
 def param_axes(params: Params, config: ModelConfig | None = None) -> Params:
     """The logical axis names of every leaf, as a tree shaped like `params` (`config`:
     for a family that declares linears of its own)."""
     axes = logical_axes(config)
-    sites = {site.name: site for site in (linear_sites(config) if config else TRANSFORMER_SITES)}
+    sites = {site.name: site for site in (linear_sites(config) if config else declared_sites())}
 
     def leaf_axes(key, value):
         if isinstance(value, dict):
@@ -142,7 +147,8 @@ def forward(
     with_prompts: bool | None = None,
     rng: jax.Array | None = None,
     return_hidden: bool = False,
-) -> jax.Array | tuple[jax.Array, Cache]:
+    return_aux: bool = False,
+) -> Any:
     """Logits [B, T, V] in float32, plus the updated cache when one is given.
 
     tokens [B, T]: token ids, as an array or nested Python lists.
@@ -159,6 +165,10 @@ def forward(
     return_hidden: return (final hidden states [B, T, D], output head [V, D]) instead of
     logits, for a loss that computes logits a chunk at a time or a server that needs
     only each row's last position.
+    return_aux: also return what the layers report for training losses, summed over
+    layers: {"router": `moe.RouterStats`} on an MoE model, and what adapters' feed-forward
+    hooks add (MixLoRA's balance loss); {} for a dense model. The result is then
+    (out, aux), or (out, cache, aux).
     """
     tokens = jnp.asarray(tokens, jnp.int32)  # [B, T]; nested Python lists too
     for adapter in adapters:
@@ -200,14 +210,16 @@ def forward(
         key_valid = write_slots(cache["valid"], valid, start)
         same_segment = None
     inputs = layer_inputs(config, positions, query_slots, key_slots, key_valid, same_segment,
-                          prefix_len)
+                          prefix_len, valid)
 
     def layer_step(x, scanned):
         layer, is_sliding, layer_cache, index, deltas = scanned
         layer_rng = None if rng is None else jax.random.fold_in(rng, index)
         hooks = LayerHooks(config, index, tuple(zip(adapters, deltas, strict=True)), layer_rng,
                            inputs.prefix_visible(is_sliding))
-        return decoder_layer(config, layer, x, is_sliding, inputs, hooks, layer_cache, start)
+        x, layer_cache, aux = decoder_layer(config, layer, x, is_sliding, inputs, hooks,
+                                            layer_cache, start, with_aux=True)
+        return x, (layer_cache, aux)
 
     step = _remat(layer_step, config.remat)
     is_sliding = jnp.asarray([t == "sliding" for t in config.layer_types])
@@ -215,15 +227,18 @@ def forward(
     layer_deltas = tuple(a.impl.layer_delta(a.delta, config, a.config) for a in adapters)
     scanned = (params["layers"], is_sliding, layer_caches, jnp.arange(config.num_layers),
                layer_deltas)
-    x, new_kv = jax.lax.scan(step, x, scanned)
+    x, (new_kv, aux) = jax.lax.scan(step, x, scanned)
 
     x, head = final_hidden(config, params, x)
     x = x[:, num_prepended:]
     out = (x, head) if return_hidden else output_logits(config, x, head)
-    if cache is None:
-        return out
-    new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}
-    return out, new_cache
+    results = (out,)
+    if cache is not None:
+        results += ({"k": new_kv[0], "v": new_kv[1], "valid": key_valid,
+                     "index": start + length},)
+    if return_aux:
+        results += (jax.tree.map(lambda a: jnp.sum(a, axis=0), aux),)
+    return results[0] if len(results) == 1 else results
 
 
 # ---------------------------------------------------------------- the forward's steps
@@ -258,6 +273,7 @@ class LayerInputs:
     masks: tuple[jax.Array, jax.Array | None]
     rope: tuple[Any, Any]
     prefix_in_window: jax.Array  # [T, P], or [B, 1, T, P] for per-row query slots
+    query_valid: jax.Array | None = None  # [B, T]: real tokens (not padding), or None: all
 
     def for_layer(self, is_sliding) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(mask, cos, sin) of a layer; `is_sliding` may be traced (the layer scan)."""
@@ -272,7 +288,7 @@ class LayerInputs:
 
 
 def layer_inputs(config: ModelConfig, positions, query_slots, key_slots, key_valid,
-                 same_segment=None, prefix_len: int = 0) -> LayerInputs:
+                 same_segment=None, prefix_len: int = 0, query_valid=None) -> LayerInputs:
     """Masks and rotary tables for queries at `query_slots` [T] (positions [B, T]) over
     keys at `key_slots` [S] (`key_valid` [B, S]; `same_segment` [B, T, S] for packing)."""
     masks = _attention_masks(config, query_slots, key_slots, key_valid, same_segment)
@@ -284,7 +300,7 @@ def layer_inputs(config: ModelConfig, positions, query_slots, key_slots, key_val
     )
     if prefix_in_window.ndim == 3:  # per-row slots: [B, 1, T, P], like the masks
         prefix_in_window = prefix_in_window[:, None]
-    return LayerInputs(masks, _rope_tables(config, positions), prefix_in_window)
+    return LayerInputs(masks, _rope_tables(config, positions), prefix_in_window, query_valid)
 
 
 def packed_layer_inputs(config: ModelConfig, segment_ids: jax.Array) -> LayerInputs:
@@ -294,20 +310,25 @@ def packed_layer_inputs(config: ModelConfig, segment_ids: jax.Array) -> LayerInp
     slots = jnp.arange(length)
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     positions = _default_positions(batch, length, segment_ids, 0)
-    return layer_inputs(config, positions, slots, slots, segment_ids != 0, same_segment)
+    return layer_inputs(config, positions, slots, slots, segment_ids != 0, same_segment,
+                        query_valid=segment_ids != 0)
 
 
-# A family whose layers are not the transformer block (an MoE block, interleaved dense and
-# MoE layers) registers its own: same arguments, same (x, (k, v) cache) result.
+# A family whose layers are not the transformer block registers its own: same arguments,
+# same (x, (k, v) cache, aux) result. The feed-forward is the seam MoE models use
+# (`feed_forward`), so an MoE family needs no block of its own.
 BLOCKS: dict[str, Any] = {}
 
 
 def decoder_layer(config: ModelConfig, layer, x, is_sliding, inputs: LayerInputs, hooks,
-                  layer_cache=None, start=0):
-    """One decoder layer of the model's family: (new residual stream, its (k, v) cache)."""
+                  layer_cache=None, start=0, with_aux=False):
+    """One decoder layer of the model's family: (new residual stream, its (k, v) cache),
+    and with `with_aux` what it reports for training losses (`forward`'s return_aux)."""
     mask, cos, sin = inputs.for_layer(is_sliding)
     block = BLOCKS.get(config.family, transformer_block)
-    return block(config, layer, x, mask, cos, sin, layer_cache, start, hooks)
+    valid = inputs.query_valid if inputs.query_valid is not None else jnp.ones(x.shape[:2], bool)
+    x, cache, aux = block(config, layer, x, mask, cos, sin, layer_cache, start, hooks, valid)
+    return (x, cache, aux) if with_aux else (x, cache)
 
 
 def final_hidden(config: ModelConfig, params: Params, x: jax.Array):
@@ -337,18 +358,30 @@ class LayerHooks:
         self.config, self.index, self.pairs, self.rng = config, index, adapters_and_deltas, rng
         self.prefix_visible = prefix_visible  # [T, P]: which prefix keys each query sees
 
-    def linear(self, site: LinearSite, x: jax.Array, layer) -> jax.Array:
+    def linear(self, site: LinearSite, x: jax.Array, layer, groups=None) -> jax.Array:
         """The linear at `site` on x [B, T, *in] -> [B, T, *out]: the base einsum plus its
         bias, wrapped by every adapter that targets the site, in list order (adapters[0]
         wraps the base linear, adapters[1] wraps that, ...), so stacking equals merging
-        them one after another in list order."""
+        them one after another in list order. An expert stack run grouped takes the rows
+        routed to experts [M, *in] and their group sizes [E] (`LinearSite.experts`)."""
         bias = layer.get(site.bias) if site.bias is not None else None
         pairs = tuple((adapter, delta) for adapter, delta in self.pairs
                       if adapter.impl.wraps_linear(site, adapter.delta, delta, adapter.config))
         weight = layer[site.name]
         if is_quantized(weight):
             return QuantizedLinear(site, weight, bias, self, pairs)(x)
-        return Linear(site, weight, bias, self, pairs)(x)
+        return Linear(site, weight, bias, self, pairs, groups)(x)
+
+    def feed_forward(self, h: jax.Array, layer, valid: jax.Array, base) -> tuple[jax.Array, dict]:
+        """The layer's feed-forward on h [B, T, D]: `base(h)` -> (y, aux), wrapped by every
+        adapter whose `wraps_feed_forward` is true (MixLoRA's experts), in list order.
+        `valid` [B, T] marks real tokens, for routers' statistics."""
+        for adapter, delta in self.pairs:
+            if adapter.impl.wraps_feed_forward(adapter.delta, delta, adapter.config):
+                base = partial(adapter.impl.feed_forward, inner=base, delta=adapter.delta,
+                               delta_layer=delta, layer=self, valid=valid,
+                               config=adapter.config)
+        return base(h)
 
     def without_dropout(self) -> LayerHooks:
         return LayerHooks(self.config, self.index, self.pairs, None, self.prefix_visible)
@@ -380,9 +413,9 @@ class Linear:
     """
 
     def __init__(self, site: LinearSite, weight: jax.Array, bias: jax.Array | None,
-                 hooks: LayerHooks, pairs=()):
+                 hooks: LayerHooks, pairs=(), groups=None):
         self.site, self.weight, self.bias = site, weight, bias
-        self.hooks, self.pairs = hooks, pairs
+        self.hooks, self.pairs, self.groups = hooks, pairs, groups
 
     @property
     def is_plain(self) -> bool:
@@ -390,7 +423,7 @@ class Linear:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.is_plain:
-            y = jnp.einsum(self.site.equation, x, self.weight.astype(x.dtype))
+            y = self.site.project(x, self.weight, self.groups)
             return y if self.bias is None else y + self.bias.astype(x.dtype)
         adapter, delta = self.pairs[-1]
         inner = self.inner()
@@ -419,10 +452,11 @@ class Linear:
 
     def inner(self) -> Linear:
         """This linear without its outermost adapter."""
-        return Linear(self.site, self.weight, self.bias, self.hooks, self.pairs[:-1])
+        return Linear(self.site, self.weight, self.bias, self.hooks, self.pairs[:-1],
+                      self.groups)
 
     def with_hooks(self, hooks: LayerHooks) -> Linear:
-        return Linear(self.site, self.weight, self.bias, hooks, self.pairs)
+        return Linear(self.site, self.weight, self.bias, hooks, self.pairs, self.groups)
 
 
 class QuantizedLinear(Linear):
@@ -481,17 +515,51 @@ def _dequantized_matmul(site: LinearSite, in_dims, x, weight: QuantizedTensor):
                       quantized.dequantize_weight(site, weight, in_dims, x.dtype))
 
 
-def transformer_block(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
-    """One decoder layer; returns the new residual stream and this layer's (k, v) cache."""
+def transformer_block(config, layer, x, mask, cos, sin, layer_cache, start, hooks, valid):
+    """One decoder layer: attention, then the feed-forward (the MLP, or routed experts);
+    returns the new residual stream, this layer's (k, v) cache and the feed-forward's
+    aux (router statistics)."""
+    layer = hooks.edit_layer(layer)
+    x, new_cache = attention_sublayer(config, layer, x, mask, cos, sin, layer_cache, start,
+                                      hooks)
+    h = rms_norm(x, layer["mlp_norm"], config)
+    mlp, aux = hooks.feed_forward(h, layer, valid, partial(feed_forward, config, layer,
+                                                           hooks=hooks, valid=valid))
+    if config.post_norms:
+        mlp = rms_norm(mlp, layer["post_mlp_norm"], config)
+    return constrain(x + mlp, ("batch", "seq", "embed")), new_cache, aux
+
+
+def feed_forward(config, layer, h, hooks, valid):
+    """The model's own feed-forward on the normed h [B, T, D]: (y, aux)."""
+    if config.moe is not None:
+        from jft.models.moe import moe_feed_forward
+
+        return moe_feed_forward(config, layer, h, hooks, valid)
+    sites = {site.name: site for site in linear_sites(config)}
+    gate = hooks.linear(sites["gate_proj"], h, layer)  # [B, T, F]
+    up = hooks.linear(sites["up_proj"], h, layer)  # [B, T, F]
+    hidden = constrain(activation(gate, config) * up, ("batch", "seq", "mlp"))
+    return hooks.linear(sites["down_proj"], hidden, layer), {}  # [B, T, D]
+
+
+def attention_sublayer(config, layer, x, mask, cos, sin, layer_cache, start, hooks):
+    """Self-attention and its residual: (x + attention(x), this layer's (k, v) cache)."""
     dtype = x.dtype
     sites = {site.name: site for site in linear_sites(config)}
-    layer = hooks.edit_layer(layer)
     h = rms_norm(x, layer["attn_norm"], config)
     q = hooks.linear(sites["q_proj"], h, layer)  # [B, T, N, H]
     k = hooks.linear(sites["k_proj"], h, layer)  # [B, T, K, H]
     v = hooks.linear(sites["v_proj"], h, layer)  # [B, T, K, H]
-    if config.qk_norm:
+    if config.qk_norm_whole:  # over all heads at once, before any clipping
+        q = rms_norm(q.reshape(*q.shape[:2], -1), layer["q_norm"].reshape(-1),
+                     config).reshape(q.shape)
+        k = rms_norm(k.reshape(*k.shape[:2], -1), layer["k_norm"].reshape(-1),
+                     config).reshape(k.shape)
+    elif config.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], config), rms_norm(k, layer["k_norm"], config)
+    if config.clip_qkv is not None:
+        q, k, v = (jnp.clip(t, -config.clip_qkv, config.clip_qkv) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
 
@@ -515,16 +583,7 @@ def transformer_block(config, layer, x, mask, cos, sin, layer_cache, start, hook
     attn = hooks.linear(sites["o_proj"], out, layer)  # [B, T, D]
     if config.post_norms:
         attn = rms_norm(attn, layer["post_attn_norm"], config)
-    x = constrain(x + attn, ("batch", "seq", "embed"))
-
-    h = rms_norm(x, layer["mlp_norm"], config)
-    gate = hooks.linear(sites["gate_proj"], h, layer)  # [B, T, F]
-    up = hooks.linear(sites["up_proj"], h, layer)  # [B, T, F]
-    hidden = constrain(_activation(gate, config) * up, ("batch", "seq", "mlp"))
-    mlp = hooks.linear(sites["down_proj"], hidden, layer)  # [B, T, D]
-    if config.post_norms:
-        mlp = rms_norm(mlp, layer["post_mlp_norm"], config)
-    return constrain(x + mlp, ("batch", "seq", "embed")), new_cache
+    return constrain(x + attn, ("batch", "seq", "embed")), new_cache
 
 
 def attention(q, k, v, mask, config: ModelConfig) -> jax.Array:
@@ -661,7 +720,7 @@ def _default_positions(batch, length, segment_ids, start):
     return index - segment_start
 
 
-def _activation(x, config: ModelConfig):
+def activation(x, config: ModelConfig):
     if config.activation in ("gelu_tanh", "gelu"):
         return jax.nn.gelu(x, approximate=config.activation == "gelu_tanh")
     return jax.nn.silu(x)

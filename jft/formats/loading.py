@@ -32,7 +32,15 @@ from jft.formats.safetensors_io import SafetensorsFile
 from jft.models import ModelConfig, config_from_gguf, config_from_hf, param_shapes
 from jft.models.checkpoint_fields import GGUFMetadata
 from jft.models.sites import linear_sites
-from jft.models.tensor_names import TOP_LEVEL, Layout, Ranges, TensorSource, layer_sources
+from jft.models.tensor_names import (
+    TOP_LEVEL,
+    ExpertStackSource,
+    Layout,
+    Ranges,
+    TensorSource,
+    expert_sources,
+    layer_sources,
+)
 from jft.quant import FORMATS, QuantizedTensor
 from jft.quant.params import QuantizeSpec, error_of, weight_to_matrix
 from jft.text import default_chat_templates
@@ -169,6 +177,7 @@ def _load_hf_dir(directory: Path, dtype, sharding: ShardingFn | None,
         read=lambda name, rows, columns: file_of(name).read(rename(name), dtype, rows, columns),
         describe=lambda name: f"{file_of(name).path}: tensor {rename(name)!r}",
         kind=lambda name: str(file_of(name).tensors[rename(name)].dtype),
+        has=lambda name: rename(name) in name_to_file,
     )
     config = config.replace(tie_embeddings=tied)
     params = _build_params(config, dtype, reader, sharding, building)
@@ -339,6 +348,7 @@ class _Reader:
     kind: Callable[[str], str]  # its stored type: "float16", "Q4_K", ...
     # A tensor kept in its stored quantized form [rows, columns], or None (GGUF's Q8_0, Q4_0)
     read_stored: Callable[[str], QuantizedTensor | None] = lambda name: None
+    has: Callable[[str], bool] = lambda name: True  # whether the checkpoint stores it
 
 
 # Buffers are filled in place on the device (donated), so the host holds one layer
@@ -400,6 +410,7 @@ def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: Shardin
     """Every leaf of `param_shapes(config)`, placed by `sharding` (None: default device)."""
     shapes = param_shapes(config)
     sources = layer_sources(config)
+    experts = expert_sources(config) if config.moe is not None else {}
     sites = {site.name: site for site in linear_sites(config)}
     building = building or _Building(None)
     quantize, report = building.quantize, building.report
@@ -443,7 +454,10 @@ def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: Shardin
             params["layers"][key] = _place_quantized(layers, ("layers", key), sharding)
             continue
         leaf = shards(("layers", key), shape)
-        _fill_layers(reader, sources[key], leaf, config)
+        if key in experts:
+            _fill_expert_layers(reader, experts[key], leaf, config)
+        else:
+            _fill_layers(reader, sources[key], leaf, config)
         params["layers"][key] = leaf.array()
     return params
 
@@ -537,6 +551,30 @@ def _fill_layers(reader: _Reader, source: TensorSource, leaf: _Shards, config: M
                              leaf.shape[1:], [part[1:] for part in holding], config)
         for part in holding:
             leaf.write(_write_layer, part, values[part[1:]], i - part[0][0])
+
+
+def _fill_expert_layers(reader: _Reader, source: ExpertStackSource, leaf: _Shards,
+                        config: ModelConfig):
+    """An expert stack, one layer's experts read whole at a time (fused or per expert)."""
+
+    def read(name, shape):
+        if shape is not None:
+            _check_shape(reader, name, shape)
+        return reader.read(name, (0, reader.shape(name)[0]), None)
+
+    for i in range(config.num_layers):
+        holding = [part for part in leaf.parts() if part[0][0] <= i < part[0][1]]
+        if not holding:
+            continue
+        value = source.read_layer(reader.has, read, config, i)
+        expected = leaf.shape[1:]
+        if value.shape != expected:
+            raise JftError(f"{reader.describe(source.parts[0].format(i=i, e=0))}: the experts "
+                           f"of layer {i} make {list(value.shape)}, which does not fit the "
+                           f"config (expected {list(expected)})")
+        for part in holding:
+            block = value[tuple(slice(*r) for r in part[1:])]
+            leaf.write(_write_layer, part, block, i - part[0][0])
 
 
 def _fill_rows(reader: _Reader, source: TensorSource, leaf: _Shards, config: ModelConfig):

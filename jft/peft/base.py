@@ -68,6 +68,16 @@ class Method(Protocol):
         effective weight and bias). `delta` is the whole delta, `delta_layer` this
         layer's slice."""
 
+    def wraps_feed_forward(self, delta: Delta, delta_layer: Delta, config: Any) -> bool:
+        """Whether this adapter's `feed_forward` wraps the layer's feed-forward (static)."""
+
+    def feed_forward(self, h: jax.Array, inner: Any, delta: Delta, delta_layer: Delta, layer,
+                     valid: jax.Array, config: Any) -> tuple[jax.Array, dict]:
+        """The layer's feed-forward on the normed h [B, T, D], computed around `inner(h)`
+        -> (y, aux), the one it wraps: (y [B, T, D], aux), aux a dict of arrays summed over
+        layers and handed to the objective (`forward`'s return_aux; MixLoRA reports its
+        router's balance loss there). `valid` [B, T] marks real tokens."""
+
     def prompt_embeddings(self, delta: Delta, config: Any) -> jax.Array | None:
         """Virtual-token embeddings [P, D] prepended to the input, or None."""
 
@@ -155,6 +165,12 @@ class MethodBase:
 
     def linear(self, site, x, inner, delta, delta_layer, layer, config):
         return inner(x)
+
+    def wraps_feed_forward(self, delta, delta_layer, config) -> bool:
+        return False
+
+    def feed_forward(self, h, inner, delta, delta_layer, layer, valid, config):
+        return inner(h)
 
     def prompt_embeddings(self, delta, config):
         return None
