@@ -138,7 +138,10 @@ class Run:
                 print(f"{config.model}: {model.quantization.summary()}", file=sys.stderr)
             self.base_hash = base_fingerprint(model.params)
         self.model = model
-        self.model_config = model.config.replace(remat=config.remat, kernels=config.kernels)
+        from jft.training.config import with_moe_settings
+
+        self.model_config = with_moe_settings(
+            model.config.replace(remat=config.remat, kernels=config.kernels), config.moe)
         with self._status("reading and tokenizing data"):
             self._read_data()
         with self._status(f"creating the {config.method.name} adapter"):

@@ -59,12 +59,27 @@ TINY_CONFIGS = {
 }
 
 
+# Mixture-of-experts families: tiny enough that some experts get no token in a batch.
+MOE_CONFIGS = {
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2, intermediate_size=32)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, num_experts=6,
+                                         num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True, head_dim=24)),
+    "olmoe": ("OlmoeConfig", dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=3,
+                                  intermediate_size=32, clip_qkv=2.0)),
+}
+
+
 def make_hf_model(family: str, seed: int = 0):
     """A random fp32 torch model of `family`, weights and norm scales all non-trivial."""
     import torch
     import transformers
 
-    class_name, extra = TINY_CONFIGS[family]
+    class_name, extra = (TINY_CONFIGS | MOE_CONFIGS)[family]
     kwargs = dict(
         vocab_size=VOCAB,
         hidden_size=64,

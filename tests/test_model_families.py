@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from jft.formats.loading import load_checkpoint
-from jft.models import forward
-from tests.hf_reference import TINY_CONFIGS, VOCAB, hf_logits, save_hf_model
+from jft.models import MoeConfig, forward
+from tests.hf_reference import MOE_CONFIGS, TINY_CONFIGS, VOCAB, hf_logits, save_hf_model
 
-FAMILIES = list(TINY_CONFIGS)
+FAMILIES = list(TINY_CONFIGS) + list(MOE_CONFIGS)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -56,6 +56,13 @@ def test_config_reflects_family_features(pair):
         "gemma2": dict(attn_softcap=3.0, final_softcap=4.0, post_norms=True,
                        layer_types=("sliding", "full", "sliding")),
         "gemma3": dict(qk_norm=True, layer_types=("sliding",) * 5 + ("full", "sliding")),
+        "mixtral": dict(moe=MoeConfig(4, 2, 32, norm_topk=True, dense_mlp_dim=32)),
+        "qwen2_moe": dict(qkv_bias=True, mlp_dim=48, moe=MoeConfig(
+            4, 2, 32, norm_topk=False, shared_expert=True, shared_gate=True, dense_mlp_dim=96)),
+        "qwen3_moe": dict(qk_norm=True, moe=MoeConfig(6, 2, 32, norm_topk=True,
+                                                      dense_mlp_dim=96)),
+        "olmoe": dict(qk_norm_whole=True, clip_qkv=2.0, moe=MoeConfig(
+            4, 3, 32, norm_topk=False, aux_loss_coef=0.01, dense_mlp_dim=32)),
     }[family]
     for field, value in expected.items():
         assert getattr(config, field) == value, field

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jft.models import ModelConfig, forward, output_logits
+from jft.objectives.auxiliary import auxiliary_loss
 from jft.objectives.base import ObjectiveBase, register
 
 # The float32 logits of one loss chunk stay under this many bytes: at Llama 3's 128k
@@ -23,9 +24,16 @@ LOSS_CHUNK_BYTES = 256 * 2**20
 
 def token_losses(model: ModelConfig, params, adapters, batch, rng=None):
     """Per-token cross-entropy [B, T] and the target mask [B, T] (position 0 never counts)."""
-    hidden, head = forward(model, params, batch["tokens"], batch["positions"],
-                           batch["segment_ids"], adapters=adapters, rng=rng, return_hidden=True)
-    return hidden_token_losses(model, hidden, head, batch)
+    losses, mask, _ = token_losses_and_aux(model, params, adapters, batch, rng)
+    return losses, mask
+
+
+def token_losses_and_aux(model: ModelConfig, params, adapters, batch, rng=None):
+    """`token_losses`, and what the layers report for the loss (`auxiliary.py`)."""
+    (hidden, head), aux = forward(model, params, batch["tokens"], batch["positions"],
+                                  batch["segment_ids"], adapters=adapters, rng=rng,
+                                  return_hidden=True, return_aux=True)
+    return (*hidden_token_losses(model, hidden, head, batch), aux)
 
 
 def hidden_token_losses(model: ModelConfig, hidden, head, batch):
@@ -70,9 +78,12 @@ def chunked_cross_entropy(model: ModelConfig, hidden, head, targets, chunk_bytes
 
 
 def mean_loss(model, params, adapters, batch, rng=None):
-    losses, mask = token_losses(model, params, adapters, batch, rng)
+    """(mean target cross-entropy, plus the layers' auxiliary losses (an MoE router's
+    balance loss); target count; the auxiliary terms as metrics)."""
+    losses, mask, aux = token_losses_and_aux(model, params, adapters, batch, rng)
     count = jnp.maximum(mask.sum(), 1)
-    return jnp.sum(jnp.where(mask, losses, 0.0)) / count, count
+    extra, metrics = auxiliary_loss(model, aux)
+    return jnp.sum(jnp.where(mask, losses, 0.0)) / count + extra, count, metrics
 
 
 def example_losses(model, params, adapters, batch) -> jax.Array:
@@ -92,8 +103,8 @@ class Sft(ObjectiveBase):
     name = "sft"
 
     def loss(self, model, params, adapters, batch, rng):
-        loss, count = mean_loss(model, params, adapters, batch, rng)
-        return loss, {"tokens": count}
+        loss, count, metrics = mean_loss(model, params, adapters, batch, rng)
+        return loss, {"tokens": count, **metrics}
 
     def held_out(self, model, params, adapters, batch):
         losses, mask = token_losses(model, params, adapters, batch)

@@ -151,6 +151,10 @@ class MethodBase:
     # `rebase` keeps the model's function (S²FT's co-permutation): the base it returns is,
     # without the adapter, still the model that was loaded (a preference reference).
     rebase_keeps_function: ClassVar[bool] = False
+    # Runs on MoE models (S²FT and SpIEL select MLP channels of a dense MLP: they do not).
+    supports_moe: ClassVar[bool] = True
+    # Its factors can carry an expert axis, so its targets may include expert stacks.
+    targets_experts: ClassVar[bool] = False
 
     def reads_base_weights(self, config) -> bool:
         """Whether `init` reads the base's weight values (not just their shapes): a
@@ -302,13 +306,18 @@ def combine(trainable: Sequence[Adapter], frozen: Sequence[Adapter]) -> list[Ada
 class Targets:
     """Which linears a method wraps, the PEFT way.
 
-    modules: site names (`q_proj`, ...), `"all-linear"`, or one regex string matched
-    (`re.fullmatch`) against HF module paths such as `model.layers.3.self_attn.q_proj`.
+    modules: site names (`q_proj`, `experts_gate_up`, ...), `"all-linear"`, or one regex
+    string matched (`re.fullmatch`) against HF module paths such as
+    `model.layers.3.self_attn.q_proj`. "all-linear" and regexes reach the linears PEFT
+    sees as modules, not parameter sites (MoE routers and expert stacks).
     layers: `layers_to_transform`, None for all.
+    parameters: PEFT's `target_parameters`: parameter paths, each matching a parameter
+    site whose path is it or ends with "." + it (`mlp.experts.gate_up_proj`).
     """
 
     modules: str | tuple[str, ...] = ("q_proj", "v_proj")
     layers: tuple[int, ...] | None = None
+    parameters: tuple[str, ...] = ()
 
     def resolve(self, model: ModelConfig) -> dict[str, np.ndarray]:
         """site name -> bool [L]: the layers where that linear is targeted. Raises if none."""
@@ -328,6 +337,13 @@ class Targets:
                 raise ConfigValueError("method.targets",
                                        f"unknown target module {unknown[0]!r}; valid: "
                                        f"{', '.join(names)}, 'all-linear' or a regex")
+        for wanted in self.parameters:
+            if not any(_names_parameter(site.path(i), wanted) for site in sites
+                       if site.parameter for i in range(model.num_layers)):
+                paths = [site.hf_path for site in sites if site.parameter]
+                raise ConfigValueError("method.target_parameters",
+                                       f"target parameter {wanted!r} matches no parameter of "
+                                       f"this model; valid: {', '.join(paths) or 'none'}")
         chosen: dict[str, np.ndarray] = {}
         for site in sites:
             active = np.zeros(model.num_layers, bool)
@@ -344,11 +360,19 @@ class Targets:
         return chosen
 
     def _matches(self, site: LinearSite, layer: int) -> bool:
-        if self.modules == "all-linear":
+        path = site.path(layer)
+        if site.parameter and any(_names_parameter(path, p) for p in self.parameters):
             return True
+        if self.modules == "all-linear":
+            return not site.parameter
         if isinstance(self.modules, str):
-            return re.fullmatch(self.modules, site.path(layer)) is not None
+            return not site.parameter and re.fullmatch(self.modules, path) is not None
         return site.name in self.modules
+
+
+def _names_parameter(path: str, wanted: str) -> bool:
+    """PEFT's target_parameters match: the whole path, or a suffix after a dot."""
+    return path == wanted or path.endswith("." + wanted)
 
 
 def as_targets(value) -> Targets:

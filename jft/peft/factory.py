@@ -9,8 +9,9 @@ from typing import Any
 
 import jax
 
-from jft.errors import JftError
+from jft.errors import ConfigValueError, JftError
 from jft.models import ModelConfig
+from jft.models.sites import linear_site
 from jft.peft.base import Adapter, Targets, get_method
 from jft.quant.params import dequantize_params, is_quantized_tree
 
@@ -25,18 +26,25 @@ def make_config(method: str, options: Mapping[str, Any]):
     fields = {f.name: f for f in dataclasses.fields(impl.Config)}
     options = dict(options)
     layers = options.pop("layers_to_transform", None)
+    parameters = options.pop("target_parameters", None)
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        valid = sorted(fields) + (["layers_to_transform"] if "targets" in fields else [])
+        valid = sorted(fields) + (["layers_to_transform", "target_parameters"]
+                                  if "targets" in fields else [])
         raise JftError(
             f"unknown option {unknown[0]!r} for method {method!r}; valid: {', '.join(valid)}"
         )
-    if "targets" in fields and ("targets" in options or layers is not None):
-        modules = options.get("targets", fields["targets"].default.modules)
+    if "targets" in fields and ("targets" in options or layers is not None or parameters):
+        # As in PEFT, target_parameters alone targets no module.
+        default = () if parameters and "targets" not in options else fields[
+            "targets"].default.modules
+        modules = options.get("targets", default)
         modules = modules if isinstance(modules, str) else tuple(modules)
-        options["targets"] = Targets(modules, None if layers is None else tuple(layers))
-    elif layers is not None:
-        raise JftError(f"method {method!r} has no targets, so no layers_to_transform")
+        options["targets"] = Targets(modules, None if layers is None else tuple(layers),
+                                     tuple(parameters or ()))
+    elif layers is not None or parameters:
+        name = "layers_to_transform" if layers is not None else "target_parameters"
+        raise JftError(f"method {method!r} has no targets, so no {name}")
     try:
         return impl.Config(**options)
     except TypeError as error:
@@ -55,6 +63,8 @@ def config_to_options(config) -> dict[str, Any]:
                 value.modules)
             if value.layers is not None:
                 options["layers_to_transform"] = list(value.layers)
+            if value.parameters:
+                options["target_parameters"] = list(value.parameters)
             continue
         args = typing.get_args(hints[field.name])
         if typing.get_origin(hints[field.name]) is tuple and args and typing.get_origin(
@@ -80,6 +90,7 @@ def create(
         config = make_config(method, options)
     elif options:
         raise JftError(f"give {method}'s config or its options, not both")
+    _check_model_support(impl, config, model)
     quantized = is_quantized_tree(base)
     if quantized and impl.edits_base_weights:
         raise JftError(f"method {method!r} trains the base's own weights, which are quantized "
@@ -90,3 +101,18 @@ def create(
         config) else base
     config, delta = impl.init_with_config(key, readable, model, config, calibration_batches)
     return impl.rebase(base, delta, model, config), Adapter(delta, method, config)
+
+
+def _check_model_support(impl, config, model: ModelConfig) -> None:
+    """Methods that cannot run on an MoE model, or on its expert stacks, say so."""
+    if model.moe is not None and not impl.supports_moe:
+        raise JftError(f"method {impl.name!r} does not support mixture-of-experts models "
+                       f"({model.family}): its selection assumes a dense MLP; use lora (its "
+                       "targets may include the experts), full, or a dense model")
+    targets = getattr(config, "targets", None)
+    if isinstance(targets, Targets) and not impl.targets_experts:
+        experts = [s for s in targets.resolve(model) if linear_site(model, s).experts]
+        if experts:
+            raise ConfigValueError("method.targets",
+                                   f"method {impl.name!r} cannot target the expert stack "
+                                   f"{experts[0]!r}; lora can (per-expert factors)")

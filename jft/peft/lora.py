@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.errors import JftError
+from jft.errors import ConfigValueError, JftError
 from jft.models import ModelConfig
 from jft.models.sites import LinearSite, linear_site, site_index
 from jft.peft.base import MethodBase, Targets, as_targets, register, use_kernel
@@ -92,6 +92,12 @@ def plan(model: ModelConfig, config: LoraConfig) -> dict[str, ModulePlan]:
     plans = {}
     for module, active in config.targets.resolve(model).items():
         site = linear_site(model, module)
+        if site.experts and (config.dora or config.init not in ("default", "gaussian")):
+            option = "dora" if config.dora else "init"
+            raise ConfigValueError(f"method.{option}",
+                                   f"{module} is a stack of experts: LoRA on it has per-expert "
+                                   f"factors, without DoRA or data-driven inits (PEFT's "
+                                   f"target_parameters has neither); target it with plain LoRA")
         ranks, scales = [], []
         for layer in range(model.num_layers):
             path = site.path(layer)
@@ -122,6 +128,7 @@ def low_rank_product(a: jax.Array, b: jax.Array) -> jax.Array:
 class Lora(MethodBase):
     name = "lora"
     Config = LoraConfig
+    targets_experts = True
 
     def reads_base_weights(self, config) -> bool:
         return config.dora or config.init not in ("default", "gaussian")
@@ -136,14 +143,15 @@ class Lora(MethodBase):
             key, a_key = jax.random.split(key)
             site = linear_site(model, module)
             dims_in, dims_out = site.dims(model)
-            shape_a = (model.num_layers, *dims_in, p.max_rank)
+            group = site.group_shape(model)  # experts: one pair of factors each
+            shape_a = (model.num_layers, *group, *dims_in, p.max_rank)
             if config.init == "gaussian":
                 a = jax.random.normal(a_key, shape_a) / config.r
             else:  # Kaiming-uniform with a = sqrt(5): bound 1 / sqrt(fan_in)
                 bound = 1.0 / math.sqrt(math.prod(dims_in))
                 a = jax.random.uniform(a_key, shape_a, minval=-bound, maxval=bound)
-            a = a * _broadcast(p.rank_mask(), len(dims_in))
-            entry = {"a": a, "b": jnp.zeros((model.num_layers, p.max_rank, *dims_out))}
+            a = a * _broadcast(p.rank_mask(), len(group) + len(dims_in))
+            entry = {"a": a, "b": jnp.zeros((model.num_layers, *group, p.max_rank, *dims_out))}
             if config.dora:
                 entry["magnitude"] = _column_norm(site, base["layers"][module])
             layers[module] = entry
@@ -156,7 +164,7 @@ class Lora(MethodBase):
         p = plan(layer.config, config)[site.name]
         entry = delta_layer[site.name]
         dropout = bool(config.dropout and layer.rng is not None)
-        if inner.is_plain and _fused(layer, config):
+        if inner.is_plain and _fused(layer, config, site.experts):
             return _fused_linear(site, x, inner, entry, p, layer)
         y = inner(x)
         a, b = entry["a"].astype(x.dtype), entry["b"].astype(x.dtype)
@@ -166,10 +174,9 @@ class Lora(MethodBase):
             key = jax.random.fold_in(layer.rng, site_index(layer.config, site))
             keep = jax.random.bernoulli(key, 1.0 - config.dropout, x.shape)
             x_in = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
-        shrink, expand = site.low_rank_equations()
-        xa = jnp.einsum(shrink, x_in, a)  # [B, T, r]
+        xa = site.shrink(x_in, a, inner.groups)  # [B, T, r]
         xa = xa * jnp.asarray(p.rank_mask(), x.dtype)[layer.index]
-        lora = jnp.einsum(expand, xa, b) * scale  # [B, T, *out]
+        lora = site.expand(xa, b, inner.groups) * scale  # [B, T, *out]
         if not config.dora:
             return y + lora
         ratio, wx = _dora(site, x, x_in, y, inner, entry, p, a, b, scale, dropout, layer)
@@ -220,8 +227,10 @@ class Lora(MethodBase):
     def num_params(self, delta, model, config):
         total = 0
         for module, p in plan(model, config).items():
-            size_in, size_out = linear_site(model, module).sizes(model)
-            total += sum(r * (size_in + size_out) for r in p.ranks)
+            site = linear_site(model, module)
+            size_in, size_out = site.sizes(model)
+            experts = math.prod(site.group_shape(model))
+            total += experts * sum(r * (size_in + size_out) for r in p.ranks)
             if config.dora:
                 total += size_out * sum(r > 0 for r in p.ranks)
         return total
@@ -242,18 +251,19 @@ class Lora(MethodBase):
         layers = {}
         for module, entry in delta["layers"].items():
             site = linear_site(model, module)
-            a, b = ("layers", *site.in_axes, None), ("layers", None, *site.out_axes)
+            group = site.group_axes
+            a, b = ("layers", *group, *site.in_axes, None), ("layers", *group, None, *site.out_axes)
             by_name = {"a": a, "init_a": a, "b": b, "init_b": b,
                        "magnitude": site.bias_axes}
             layers[module] = {name: by_name[name] for name in entry}
         return {"layers": layers}
 
 
-def _fused(layer, config) -> bool:
+def _fused(layer, config, inner_is_grouped=False) -> bool:
     """Whether LoRA runs as the fused kernel (`kernels`) over a plain linear: plain LoRA and
     rsLoRA; DoRA's rescaling and active dropout take the XLA path."""
     return (not config.dora and not (config.dropout and layer.rng is not None)
-            and use_kernel("lora_linear", layer.config))
+            and not inner_is_grouped and use_kernel("lora_linear", layer.config))
 
 
 def _fused_linear(site, x, inner, entry, p, layer):
@@ -326,8 +336,12 @@ def _fold(base, delta, model, config, sign):
         site = linear_site(model, module)
         in_axes = len(site.in_axes)
         entry = delta["layers"][module]
-        a = entry["a"].astype(jnp.float32) * _broadcast(p.rank_mask(), in_axes)
-        product = jax.vmap(low_rank_product)(a, entry["b"].astype(jnp.float32))
+        group = len(site.group_axes)
+        a = entry["a"].astype(jnp.float32) * _broadcast(p.rank_mask(), group + in_axes)
+        product = low_rank_product
+        for _ in range(1 + group):  # over layers, and experts
+            product = jax.vmap(product)
+        product = product(a, entry["b"].astype(jnp.float32))
         scales = jnp.asarray(p.scales, jnp.float32).reshape(-1, *([1] * (product.ndim - 1)))
         weight = site.to_in_out(base["layers"][module].astype(jnp.float32), lead=1)
         combined = weight + sign * scales * product  # [L, *in, *out]

@@ -316,6 +316,7 @@ def _take(w, order, axis):
 
 class S2FT(MethodBase):
     name = "s2ft"
+    supports_moe = False
     Config = S2FTConfig
     rebase_keeps_function = True  # co-permuted rows and columns compute the same model
 

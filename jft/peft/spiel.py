@@ -163,6 +163,7 @@ def swap_count(config: SpielConfig, p: ModulePlan, step: int, total_steps: int) 
 
 class Spiel(MethodBase):
     name = "spiel"
+    supports_moe = False
     edits_base_weights = True
     Config = SpielConfig
 

@@ -48,6 +48,7 @@ FINGERPRINT_EXCLUDED = (
     "eval",
     "checkpoint",
     "mesh",
+    "moe.impl",
 )
 
 
@@ -176,6 +177,17 @@ class MeshSection:
         return MeshConfig(self.data, self.fsdp, self.tensor, self.preset, dict(self.rules))
 
 
+@dataclasses.dataclass(frozen=True)
+class MoeSection:
+    """`moe`: how a mixture-of-experts model's routed experts run, and what its router adds
+    to the training loss (ignored by dense models)."""
+
+    impl: Literal["grouped", "dense"] = "grouped"
+    # The load-balancing loss's weight; null: the checkpoint's router_aux_loss_coef.
+    aux_loss_coef: float | None = _field(None, min=0)
+    z_loss_coef: float = _field(0.0, min=0)  # the router z-loss's weight (ST-MoE: 0.001)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The whole resolved config of one run."""
@@ -196,6 +208,7 @@ class TrainConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    moe: MoeSection = dataclasses.field(default_factory=MoeSection)
     output_dir: str = _required()
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,6 +240,8 @@ class TrainConfig:
         resolved = self.to_dict()
         if resolved["objective"] == "sft":  # the default: runs from before the key resume
             del resolved["objective"]
+        if resolved["moe"] == _plain(dataclasses.asdict(MoeSection())):  # likewise
+            del resolved["moe"]
         if resolved["quantize"] == "none":  # likewise, and then the other keys do nothing
             for key in ("quantize", "quantize_block", "double_quant", "quantize_embeddings"):
                 del resolved[key]
@@ -462,6 +477,8 @@ def _build_method(raw: Mapping, context: _Context) -> MethodSection:
         dotted = f"method.{key}"
         if key == "layers_to_transform" and "targets" in hints:
             options[key] = _check_value(list[int] | None, value, dotted, context, dict(min=0))
+        elif key == "target_parameters" and "targets" in hints:
+            options[key] = _check_value(list[str], value, dotted, context)
         elif key in hints:
             options[key] = _check_option(hints[key], value, dotted, context)
     try:
@@ -814,3 +831,12 @@ __all__ = [
     "FINGERPRINT_EXCLUDED", "MethodSection", "ObjectiveSection", "TrainConfig", "TrainSection",
     "build_optimizer", "build_schedule", "from_dict", "load_config", "wrap_accumulation",
 ]
+
+
+def with_moe_settings(model, moe: MoeSection):
+    """The ModelConfig with the run's `moe` section applied (a dense model unchanged)."""
+    if model.moe is None:
+        return model
+    coef = model.moe.aux_loss_coef if moe.aux_loss_coef is None else moe.aux_loss_coef
+    return model.replace(moe_impl=moe.impl, moe=dataclasses.replace(
+        model.moe, aux_loss_coef=coef, z_loss_coef=moe.z_loss_coef))
