@@ -1,8 +1,8 @@
 """Logical axis names, and the hook that maps them onto a device mesh.
 
 Model code names every parameter and activation dimension with a logical axis
-(`batch`, `seq`, `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`)
-and never mentions a mesh. A `LogicalRules` context, set up by the trainer, maps
+(`batch`, `seq`, `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`, and
+on MoE models `experts`, `expert_mlp`, `gate_up`, `unit`) and never mentions a mesh. A `LogicalRules` context, set up by the trainer, maps
 those names to mesh axes; outside one, `constrain` does nothing, so the same model
 code runs unsharded on one device.
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXIS_NAMES = ("batch", "seq", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
+AXIS_NAMES = ("batch", "seq", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers",
+              "experts", "expert_mlp", "gate_up", "unit")
 
 # One entry per dimension: a logical name, None (replicated), or a tuple of names for a
 # dimension that flattens several (it may then take all of their mesh axes).

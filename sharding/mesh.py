@@ -24,8 +24,10 @@ _BATCH = ("batch", ("data", "fsdp"))
 PRESETS: dict[str, tuple[tuple[str, MeshAxes], ...]] = {
     "data_parallel": (_BATCH,),
     "fsdp": (_BATCH, ("embed", "fsdp")),
+    # An expert's MLP splits over `tensor` like a dense MLP; `experts: tensor` (or fsdp)
+    # instead gives expert parallelism, each device holding whole experts.
     "fsdp_tp": (_BATCH, ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
-                ("mlp", "tensor"), ("vocab", "tensor")),
+                ("mlp", "tensor"), ("expert_mlp", "tensor"), ("vocab", "tensor")),
 }
 
 

@@ -156,7 +156,8 @@ def test_bad_targets_and_ranks_name_the_problem(llama):
     with pytest.raises(JftError, match="unknown target module 'qkv'"):
         LORA.init(jax.random.key(0), params, model, LoraConfig(targets=("qkv",)))
     with pytest.raises(JftError, match="exceeds its smaller dimension"):
-        LORA.init(jax.random.key(0), params, model, LoraConfig(r=1000, targets=("q_proj",)))
+        LORA.init(jax.random.key(0), params, model, LoraConfig(r=1000, targets=("q_proj",),
+                                                               init="pissa"))
     with pytest.raises(JftError, match="unknown lora init 'svd'.*pissa"):
         LoraConfig(init="svd")
 

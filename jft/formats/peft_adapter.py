@@ -10,6 +10,15 @@ float32. Per method (jft delta -> PEFT tensor, per targeted layer i):
   delta: PiSSA, CorDA, LoRA-GA) is written for the original base as PEFT's
   `subtract_mutated_init` does: A' = [A; A0], B' = [B, -B0], rank doubled, alpha scaled
   to keep alpha / r (alpha / sqrt(r) under rsLoRA).
+- lora on a parameter site (an MoE router or expert stack, which PEFT reaches through
+  `target_parameters`, not `target_modules`): PEFT's ParamWrapper keeps the tensors on the
+  module holding the parameter (`mlp.gate`, `mlp.experts`). A stack of E experts (a[i]
+  [E, *in, r], b[i] [E, r, *out]) gives `lora_A.weight` [E r, in], row e r + j for rank j
+  of expert e, and `lora_B.weight` [out, r E], column j E + e (PEFT interleaves the two
+  differently); a router is a plain matrix (E = 1). Two targeted parameters of one module
+  nest, the first the module registers (gate_up_proj) innermost: its keys gain one
+  `base_layer.` per wrapper around it. PEFT's layers_to_transform does not filter
+  target_parameters, so parameters targeted in some layers only are named per layer.
 - ia3: layers[module][i] -> `ia3_l`, [1, in] on feedforward modules, [out, 1] otherwise.
 - prompt_tuning: embedding [P, D] -> `prompt_embeddings` (no prefix).
 - prefix_tuning: the baked keys/values -> `prompt_embeddings` [P, L * 2 * K * H]; a
@@ -52,7 +61,7 @@ _KNOWN_KEYS = {
              "layers_to_transform", "layers_pattern", "exclude_modules", "rank_pattern",
              "alpha_pattern", "fan_in_fan_out", "init_lora_weights", "loftq_config",
              "eva_config", "corda_config", "lora_ga_config", "megatron_core",
-             "qalora_group_size", "ensure_weight_tying"},
+             "qalora_group_size", "ensure_weight_tying", "target_parameters"},
     "ia3": {"target_modules", "feedforward_modules", "exclude_modules", "fan_in_fan_out",
             "init_ia3_weights"},
     "prompt_tuning": {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
@@ -121,37 +130,89 @@ def _key(model: ModelConfig, layer: int, module: str, name: str) -> str:
     return f"{_PREFIX}{linear_site(model, module).path(layer)}.{name}"
 
 
+def _owner(site) -> str:
+    """The HF module holding a parameter site's parameter, where PEFT's ParamWrapper keeps
+    its tensors: `mlp.experts` for `mlp.experts.gate_up_proj`, `mlp.gate` for the router's
+    `mlp.gate.weight`."""
+    return site.hf_path.rpartition(".")[0]
+
+
+def _tensor_key(model: ModelConfig, layer: int, module: str, name: str,
+                wrapped=frozenset()) -> str:
+    """The key PEFT saves a LoRA tensor of `module` in `layer` under. For a parameter site
+    `wrapped` names the parameter sites targeted in that layer: PEFT wraps a module's
+    targeted parameters in the order the module registers them, each wrapper around the
+    last (transformers registers gate_up_proj before down_proj, the order jft declares the
+    sites in), so a parameter's tensors sit under one `base_layer.` per wrapper outside it."""
+    site = linear_site(model, module)
+    if not site.parameter:
+        return _key(model, layer, module, name)
+    nested = [s.name for s in linear_sites(model)
+              if s.parameter and s.name in wrapped and _owner(s) == _owner(site)]
+    depth = len(nested) - 1 - nested.index(module)
+    return f"{_PREFIX}{HF_LAYER.format(i=layer)}{_owner(site)}.{'base_layer.' * depth}{name}"
+
+
+def _parameter_targets(active: dict[str, np.ndarray], model: ModelConfig) -> list[str]:
+    """target_parameters selecting exactly the active (parameter site, layer) pairs: the
+    parameter's path where every layer has it, else its full path per layer (PEFT's
+    layers_to_transform leaves target_parameters alone)."""
+    targets = []
+    for module, mask in active.items():
+        site = linear_site(model, module)
+        targets += [site.hf_path] if mask.all() else [site.path(int(i))
+                                                       for i in np.flatnonzero(mask)]
+    return targets
+
+
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
 def _lora_to_peft(delta, config, model):
     plans = lora_method.plan(model, config)
+    parameters = [m for m in plans if linear_site(model, m).parameter]
+    if config.dora and parameters:
+        raise JftError(f"lora with dora on {parameters[0]} cannot be written as a PEFT "
+                       "adapter: PEFT reaches it through target_parameters, whose ParamWrapper "
+                       "has no DoRA; export it with --format merged")
     rebased = any("init_a" in entry for entry in delta["layers"].values())
     tensors = {}
     for module, p in plans.items():
         entry = delta["layers"][module]
+        groups = math.prod(linear_site(model, module).group_shape(model))
         for layer, rank in enumerate(p.ranks):
             if not rank:
                 continue
-            a, b = _lora_factors(entry["a"][layer], entry["b"][layer], rank)
+            a, b = _lora_factors(entry["a"][layer], entry["b"][layer], rank, groups)
             if rebased:  # the update over the original base: A B - A0 B0 = [A; A0] [B, -B0]
-                a0, b0 = (_lora_factors(entry["init_a"][layer], entry["init_b"][layer], rank)
+                a0, b0 = (_lora_factors(entry["init_a"][layer], entry["init_b"][layer], rank,
+                                        groups)
                           if "init_a" in entry else (np.zeros_like(a), np.zeros_like(b)))
-                a, b = np.concatenate([a, a0], 0), np.concatenate([b, -b0], 1)
-            tensors[_key(model, layer, module, "lora_A.weight")] = a
-            tensors[_key(model, layer, module, "lora_B.weight")] = b
+                a, b = np.concatenate([a, a0], -1), np.concatenate([b, -b0], 1)
+            wrapped = {m for m in parameters if plans[m].ranks[layer]}
+            lora_a, lora_b = _peft_factors(a, b)
+            tensors[_tensor_key(model, layer, module, "lora_A.weight", wrapped)] = lora_a
+            tensors[_tensor_key(model, layer, module, "lora_B.weight", wrapped)] = lora_b
             if config.dora:
                 tensors[_key(model, layer, module, "lora_magnitude_vector")] = (
                     entry["magnitude"][layer].reshape(-1))
-    targets, layers = _target_options({m: np.asarray(p.ranks) > 0 for m, p in plans.items()},
-                                      model)
+    targets, layers = _target_options({m: np.asarray(p.ranks) > 0 for m, p in plans.items()
+                                       if m not in parameters}, model)
     rank_factor = 2 if rebased else 1
     alpha_factor = (math.sqrt(2) if config.rslora else 2) if rebased else 1
     return {
         "r": config.r * rank_factor, "lora_alpha": _number(config.alpha * alpha_factor),
-        "lora_dropout": config.dropout, "use_rslora": config.rslora, "use_dora": config.dora,
+        # PEFT's ParamWrapper refuses dropout (it cannot drop the input of a weight it
+        # rewrites) and will not load such an adapter; dropout changes no output after
+        # training, so the adapter is written without it.
+        "lora_dropout": 0.0 if parameters else config.dropout,
+        "use_rslora": config.rslora, "use_dora": config.dora,
+        # [] rather than None where only parameters are targeted: PEFT fills None with its
+        # default modules for the model type.
         "target_modules": targets, "layers_to_transform": layers,
+        "target_parameters": _parameter_targets(
+            {m: np.asarray(plans[m].ranks) > 0 for m in parameters}, model) or None,
         "rank_pattern": {k: v * rank_factor for k, v in config.rank_pattern},
         "alpha_pattern": {k: _number(v * alpha_factor) for k, v in config.alpha_pattern},
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
@@ -159,13 +220,28 @@ def _lora_to_peft(delta, config, model):
     }, tensors
 
 
-def _lora_factors(a, b, rank):
-    """jft's a [*in, R], b [R, *out] as PEFT's lora_A [rank, in], lora_B [out, rank]."""
-    return a.reshape(-1, a.shape[-1])[:, :rank].T, b.reshape(b.shape[0], -1)[:rank].T
+def _lora_factors(a, b, rank, groups=1):
+    """jft's a [*group, *in, R], b [*group, R, *out] cut to `rank`, per expert: [G, in,
+    rank], [G, rank, out] (G = 1 for a linear that is not an expert stack)."""
+    return (a.reshape(groups, -1, a.shape[-1])[..., :rank],
+            b.reshape(groups, a.shape[-1], -1)[:, :rank])
+
+
+def _peft_factors(a, b):
+    """Per-expert a [G, in, r], b [G, r, out] as PEFT's lora_A [G r, in] (row g r + j)
+    and lora_B [out, r G] (column j G + g), ParamWrapper's layouts; for G = 1 those of a
+    plain linear, [r, in] and [out, r]."""
+    return (a.transpose(0, 2, 1).reshape(-1, a.shape[1]),
+            b.transpose(2, 1, 0).reshape(b.shape[2], -1))
 
 
 def _ia3_to_peft(delta, config, model):
     plans = ia3_method.plan(model, config)
+    parameters = [m for m in plans if linear_site(model, m).parameter]
+    if parameters:
+        raise JftError(f"ia3 on {parameters[0]} cannot be written as a PEFT adapter: PEFT "
+                       "reaches it only through target_parameters, which its IA3 lacks; "
+                       "export it with --format merged")
     tensors = {}
     for module, p in plans.items():
         for layer in np.flatnonzero(p.mask()):
@@ -243,6 +319,15 @@ def _check_options(options, method, config_path):
             f"{config_path}: init_lora_weights={options['init_lora_weights']!r} pairs the "
             "adapter with a rewritten base that is not saved with it; save it with PEFT's "
             "path_initial_model_for_weight_conversion to get a plain LoRA")
+    if method == "lora" and options.get("target_parameters"):
+        # PEFT's ParamWrapper (target_parameters) refuses these; no adapter PEFT saved has them.
+        if options.get("lora_dropout"):
+            raise JftError(f"{config_path}: lora_dropout={options['lora_dropout']!r} with "
+                           "target_parameters: PEFT's ParamWrapper refuses dropout; set it to 0")
+        if options.get("use_dora"):
+            raise JftError(f"{config_path}: use_dora={options['use_dora']!r} with "
+                           "target_parameters: PEFT's ParamWrapper has no DoRA (on routers "
+                           "and expert stacks); target them with plain LoRA")
     if method in ("prompt_tuning", "prefix_tuning"):
         if options.get("task_type") != "CAUSAL_LM":
             raise JftError(f"{config_path}: task_type={options.get('task_type')!r}; jft reads "
@@ -257,13 +342,18 @@ def _mismatch(path, key, found, expected) -> JftError:
     return JftError(f"{path}: tensor {key} has shape {tuple(found)}, expected {tuple(expected)}")
 
 
+def _module_sites(model: ModelConfig):
+    """The linears PEFT reaches as modules (target_modules): all but the parameter sites."""
+    return tuple(site for site in linear_sites(model) if not site.parameter)
+
+
 def _split_key(key: str, names, model) -> tuple[int, str, str] | None:
     """(layer, module, tensor name) of a key `<prefix>model.layers.<i>.<HF path>.<name>`
     naming one of the model's linears and one of `names`, else None."""
     match = _LAYER_KEY.fullmatch(key)
     if not match:
         return None
-    for site in linear_sites(model):
+    for site in _module_sites(model):
         for name in names:
             if match[2] == f"{site.hf_path}.{name}" and match[1] == str(int(match[1])):
                 return int(match[1]), site.name, name
@@ -276,10 +366,13 @@ def _layer_tensors(tensors, names, model, path):
     for key, value in tensors.items():
         parts = _split_key(key, names, model)
         if parts is None:
-            modules = ", ".join(site.name for site in linear_sites(model))
+            modules = ", ".join(site.name for site in _module_sites(model))
+            parameters = [site.hf_path for site in linear_sites(model) if site.parameter]
             raise JftError(f"{path}: unexpected tensor {key}; jft reads "
                            f"{'/'.join(names)} of {modules} under "
-                           f"{_PREFIX}model.layers.<i>")
+                           f"{_PREFIX}model.layers.<i>"
+                           + (f", and of {', '.join(parameters)} where LoRA's "
+                              "target_parameters names them" if parameters else ""))
         layer, module, name = parts
         if layer >= model.num_layers:
             raise JftError(f"{path}: tensor {key} is for layer {layer}, but the model has "
@@ -297,15 +390,16 @@ def _peft_matches(spec, module_key: str) -> bool:
 
 
 def _peft_targeted(options, model) -> set[tuple[str, int]] | None:
-    """The (module, layer) pairs the config selects among jft's linears (None: it names
-    no target_modules). layers_to_transform filters suffix matches only, as in PEFT."""
+    """The (module, layer) pairs target_modules selects among the linears PEFT sees as
+    modules (None: it names none). layers_to_transform filters suffix matches only, as in
+    PEFT."""
     targets, excluded = options.get("target_modules"), options.get("exclude_modules")
     if targets is None:
         return None
     layers = options.get("layers_to_transform")
     layers = [layers] if isinstance(layers, int) else layers
     chosen = set()
-    for site in linear_sites(model):
+    for site in _module_sites(model):
         module = site.name
         for layer in range(model.num_layers):
             key = site.path(layer)
@@ -330,16 +424,45 @@ def _check_coverage(grouped, options, model, path, names):
 
 
 def _jft_targets(pairs, model) -> Targets:
-    """jft Targets selecting exactly these (module, layer) pairs."""
+    """jft Targets selecting exactly these (module, layer) pairs: linears by name (and
+    layers) or by a regex of their paths, parameter sites as target_parameters."""
     names = [site.name for site in linear_sites(model)]
     active = {m: np.zeros(model.num_layers, bool) for m in names
               if any(m == module for module, _ in pairs)}
     for module, layer in pairs:
         active[module][layer] = True
-    targets, layers = _target_options(active, model)
+    parameters = tuple(_parameter_targets(
+        {m: a for m, a in active.items() if linear_site(model, m).parameter}, model))
+    modules = {m: a for m, a in active.items() if not linear_site(model, m).parameter}
+    if not modules:
+        return Targets((), None, parameters)
+    targets, layers = _target_options(modules, model)
+    if layers is not None and parameters:  # jft's layers would filter the parameters too
+        targets = [linear_site(model, m).path(i) for m in targets for i in layers]
     if all(t in names for t in targets):
-        return Targets(tuple(targets), None if layers is None else tuple(layers))
-    return Targets("|".join(re.escape(t) for t in targets))
+        return Targets(tuple(targets), None if layers is None else tuple(layers), parameters)
+    return Targets("|".join(re.escape(t) for t in targets), None, parameters)
+
+
+def _peft_parameters(options, model, config_path) -> set[tuple[str, int]]:
+    """The (parameter site, layer) pairs target_parameters selects, by PEFT's rule (the
+    whole parameter path, or a suffix after a dot; in every layer, whatever
+    layers_to_transform says). An entry naming no router or expert stack is refused."""
+    wanted = options.get("target_parameters") or []
+    if isinstance(wanted, str) or not all(isinstance(w, str) for w in wanted):
+        raise JftError(f"{config_path}: target_parameters={wanted!r} must be a list of "
+                       "parameter paths")
+    sites = [site for site in linear_sites(model) if site.parameter]
+    chosen = set()
+    for entry in wanted:
+        found = {(site.name, layer) for site in sites for layer in range(model.num_layers)
+                 if site.path(layer) == entry or site.path(layer).endswith("." + entry)}
+        if not found:
+            valid = ", ".join(site.hf_path for site in sites) or "none (a dense model)"
+            raise JftError(f"{config_path}: target_parameters entry {entry!r} names no "
+                           f"parameter jft adapts in {model.family}; valid: {valid}")
+        chosen |= found
+    return chosen
 
 
 def _peft_pattern(pattern: dict, path: str, default):
@@ -353,22 +476,37 @@ def _peft_pattern(pattern: dict, path: str, default):
 def _lora_from_peft(options, tensors, base, model, path):
     dora = bool(options.get("use_dora"))
     names = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
-    grouped = _layer_tensors(tensors, names, model, path)
+    # Parameter sites' keys follow from target_parameters (their nesting says which
+    # parameter a tensor is for; the key does not name it); the rest are modules' keys.
+    parameters = _peft_parameters(options, model, path.parent / CONFIG_FILE)
+    keys = {(module, layer, name): _tensor_key(model, layer, module, name,
+                                               {m for m, i in parameters if i == layer})
+            for module, layer in parameters for name in names[:2]}
+    grouped = _layer_tensors({k: v for k, v in tensors.items() if k not in keys.values()},
+                             names, model, path)
+    for (module, layer, name), key in sorted(keys.items(), key=lambda item: item[1]):
+        if key not in tensors:
+            raise JftError(f"{path}: lacks tensor {key}, which target_parameters selects")
+        grouped.setdefault((module, layer), {})[name] = tensors[key]
     if not grouped:
         raise JftError(f"{path}: holds no LoRA tensors")
     _check_coverage(grouped, options, model, path, names)
     r, alpha = int(options.get("r", 8)), float(options.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = {}, {}
     for (module, layer), entry in grouped.items():
-        size_in, size_out = linear_site(model, module).sizes(model)
-        module_key = linear_site(model, module).path(layer)
+        site = linear_site(model, module)
+        size_in, size_out = site.sizes(model)
+        groups = math.prod(site.group_shape(model))
+        module_key = site.path(layer)
         rank = _peft_pattern(options.get("rank_pattern"), module_key, r)
-        expected = {"lora_A.weight": (rank, size_in), "lora_B.weight": (size_out, rank),
+        expected = {"lora_A.weight": (rank * groups, size_in),
+                    "lora_B.weight": (size_out, rank * groups),
                     "lora_magnitude_vector": (size_out,)}
         for name, value in entry.items():
             if value.shape != expected[name]:
-                raise _mismatch(path, _key(model, layer, module, name), value.shape,
-                                expected[name])
+                raise _mismatch(path, keys.get((module, layer, name),
+                                               _key(model, layer, module, name)),
+                                value.shape, expected[name])
         # Explicit per-path patterns: jft and PEFT then agree whatever the key order.
         if rank != r:
             rank_pattern[re.escape(module_key)] = rank
@@ -381,16 +519,21 @@ def _lora_from_peft(options, tensors, base, model, path):
         dora=dora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     layers = {}
     for module, p in lora_method.plan(model, config).items():
-        dims_in, dims_out = linear_site(model, module).dims(model)
-        L, R = model.num_layers, p.max_rank
-        a, b = np.zeros((L, math.prod(dims_in), R), np.float32), np.zeros((L, R, math.prod(
-            dims_out)), np.float32)
+        site = linear_site(model, module)
+        dims_in, dims_out = site.dims(model)
+        group = site.group_shape(model)
+        L, G, R = model.num_layers, math.prod(group), p.max_rank
+        a = np.zeros((L, G, math.prod(dims_in), R), np.float32)
+        b = np.zeros((L, G, R, math.prod(dims_out)), np.float32)
         for layer, rank in enumerate(p.ranks):
-            if rank:
+            if rank:  # PEFT's lora_A [G rank, in] and lora_B [out, rank G] (_peft_factors)
                 entry = grouped[module, layer]
-                a[layer, :, :rank] = entry["lora_A.weight"].T
-                b[layer, :rank] = entry["lora_B.weight"].T
-        layers[module] = {"a": a.reshape(L, *dims_in, R), "b": b.reshape(L, R, *dims_out)}
+                a[layer, :, :, :rank] = entry["lora_A.weight"].reshape(G, rank, -1).transpose(
+                    0, 2, 1)
+                b[layer, :, :rank] = entry["lora_B.weight"].reshape(-1, rank, G).transpose(
+                    2, 1, 0)
+        layers[module] = {"a": a.reshape(L, *group, *dims_in, R),
+                          "b": b.reshape(L, *group, R, *dims_out)}
     if dora:  # untargeted layers keep the base's column norms, so DoRA leaves them alone
         for module, entry in layers.items():
             site = linear_site(model, module)

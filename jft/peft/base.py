@@ -349,6 +349,9 @@ class Targets:
             active = np.zeros(model.num_layers, bool)
             for i in layers:
                 active[i] = self._matches(site, i)
+            # As in PEFT, layers_to_transform filters modules, not target_parameters.
+            for i in range(model.num_layers):
+                active[i] |= self._matches_parameter(site, i)
             if active.any():
                 chosen[site.name] = active
         if not chosen:
@@ -359,10 +362,12 @@ class Targets:
             )
         return chosen
 
+    def _matches_parameter(self, site: LinearSite, layer: int) -> bool:
+        return site.parameter and any(_names_parameter(site.path(layer), p)
+                                      for p in self.parameters)
+
     def _matches(self, site: LinearSite, layer: int) -> bool:
         path = site.path(layer)
-        if site.parameter and any(_names_parameter(path, p) for p in self.parameters):
-            return True
         if self.modules == "all-linear":
             return not site.parameter
         if isinstance(self.modules, str):

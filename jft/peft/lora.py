@@ -103,8 +103,10 @@ def plan(model: ModelConfig, config: LoraConfig) -> dict[str, ModulePlan]:
             path = site.path(layer)
             r = _pattern_value(config.rank_pattern, path, module, config.r) if active[layer] else 0
             alpha = _pattern_value(config.alpha_pattern, path, module, config.alpha)
+            # An SVD-based init has only min(in, out) directions to give; plain LoRA (as in
+            # PEFT) may exceed that, redundantly (Qwen2-MoE's one-output shared-expert gate).
             limit = min(site.sizes(model))
-            if r > limit:
+            if r > limit and config.init not in ("default", "gaussian"):
                 raise JftError(f"lora rank {r} for {path} exceeds its smaller dimension {limit}")
             ranks.append(r)
             scales.append(0.0 if r == 0 else alpha / (math.sqrt(r) if config.rslora else r))
