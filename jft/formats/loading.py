@@ -414,6 +414,10 @@ def _build_params(config: ModelConfig, dtype, reader: _Reader, sharding: Shardin
     sites = {site.name: site for site in linear_sites(config)}
     building = building or _Building(None)
     quantize, report = building.quantize, building.report
+    if quantize is not None and config.moe is not None:
+        raise JftError(f"quantize: {quantize.format} does not cover mixture-of-experts models "
+                       f"({config.family}) yet: their expert stacks are most of the weights "
+                       "and would stay in float; use quantize: none")
     if building.loftq is not None:
         from jft.peft.lora import plan
 
