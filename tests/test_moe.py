@@ -186,6 +186,14 @@ def test_what_cannot_run_on_moe_refuses_in_one_line(tmp_path):
         with pytest.raises(JftError, match=message) as error:
             create(method, jax.random.key(0), model.params, model.config, **options)
         assert "\n" not in str(error.value)
+    # The server's adapter banks do not route expert rows: such an adapter is refused.
+    from jft.serve.adapters import prepare
+
+    _, adapter = create("lora", jax.random.key(0), model.params, model.config,
+                        target_parameters=["mlp.experts.down_proj"])
+    with pytest.raises(JftError, match="adapts the expert stack 'experts_down'.*merged"):
+        prepare("moe", tmp_path, "lora", adapter.config, adapter.delta, model.params,
+                model.config, 8)
     # all-linear means the modules PEFT sees: attention, not the router or the experts.
     _, adapter = create("lora", jax.random.key(0), model.params, model.config,
                         targets="all-linear")

@@ -33,13 +33,15 @@ import jax
 import numpy as np
 
 from jft.errors import JftError
-from jft.models import ModelConfig
+from jft.models import ModelConfig, linear_sites
 from jft.peft.base import Adapter, MethodBase, get_method
 from jft.serve import batch
 from jft.serve.metrics import Metrics
 
 # A method overriding any of these changes more than its own rows' linears.
-_BATCH_WIDE_HOOKS = ("edit_params", "edit_layer", "prompt_embeddings", "attention_prefix")
+# A routed feed-forward (MixLoRA) sorts the batch's tokens by expert across rows.
+_BATCH_WIDE_HOOKS = ("edit_params", "edit_layer", "prompt_embeddings", "attention_prefix",
+                     "feed_forward")
 
 
 class UnknownAdapter(JftError):
@@ -89,6 +91,13 @@ def prepare(name: str, path: Path, method: str, config, delta, base: dict,
                        "(python -m jft.export --format merged)")
     delta, config = impl.split(delta, model, config)
     delta = jax.device_get(delta)
+    stacks = {site.name for site in linear_sites(model) if site.experts}
+    experts = [m for m in (delta.get("layers", {}) if isinstance(delta, dict) else {})
+               if m in stacks]
+    if experts:
+        raise JftError(f"{where}: it adapts the expert stack {experts[0]!r}, whose rows the "
+                       "server's adapter banks do not route yet; serve a merged model "
+                       "instead (python -m jft.export --format merged)")
     if is_bank_lora(method, config):
         entry = batch.lora_host_entry(model, Adapter(delta, method, config))
         adapter = HostAdapter(name, path, method, config, entry,
