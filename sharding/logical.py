@@ -2,7 +2,8 @@
 
 Model code names every parameter and activation dimension with a logical axis
 (`batch`, `seq`, `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`, and
-on MoE models `experts`, `expert_mlp`, `gate_up`, `unit`) and never mentions a mesh. A `LogicalRules` context, set up by the trainer, maps
+on MoE models `experts`, `expert_mlp`, `gate_up`, `unit`) and never mentions a mesh. A
+`LogicalRules` context, set up by the trainer, maps
 those names to mesh axes; outside one, `constrain` does nothing, so the same model
 code runs unsharded on one device.
 

@@ -46,7 +46,8 @@ def _lora_on_experts(model, seed=1, **options):
                            targets=["q_proj"], target_parameters=EXPERT_TARGETS, **options)
     leaves, treedef = jax.tree.flatten(adapter.delta)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    noisy = [leaf + 0.3 * jax.random.normal(k, leaf.shape)
+             for leaf, k in zip(leaves, keys, strict=True)]
     return base, adapter.with_delta(jax.tree.unflatten(treedef, noisy))
 
 
@@ -203,6 +204,35 @@ def test_what_cannot_run_on_moe_refuses_in_one_line(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(fields | {"mlp_only_layers": [1]}))
     with pytest.raises(JftError, match=r"layers \[1\] have a dense MLP \(mlp_only_layers"):
         jft.load(tmp_path / "m")
+
+
+def test_the_objectives_add_the_router_losses_to_their_own(tmp_path):
+    """SFT's and the preference objectives' loss with the router's coefficients on is the
+    loss without them plus exactly aux_loss_coef x balance + z_loss_coef x z-loss, and
+    both terms are logged."""
+    from jft.objectives.base import make_objective
+
+    save_hf_model("qwen3_moe", tmp_path / "m")
+    model = jft.load(tmp_path / "m", dtype="float32", compute_dtype="float32")
+    _, adapter = _lora_on_experts(model)
+    tokens = _tokens(2, 8)  # a preference pair: row 0 chosen, row 1 rejected
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+             "positions": np.broadcast_to(np.arange(8), tokens.shape),
+             "loss_mask": np.broadcast_to(np.arange(8) >= 4, tokens.shape)}
+    for objective in ("sft", "dpo"):
+        losses = {}
+        for coefs in ((0.0, 0.0), (0.3, 0.02)):
+            moe = dataclasses.replace(model.config.moe, aux_loss_coef=coefs[0],
+                                      z_loss_coef=coefs[1])
+            loss = jax.jit(make_objective(objective).loss, static_argnums=0)
+            value, metrics = loss(model.config.replace(moe=moe), model.params, [adapter], batch,
+                                  None)
+            losses[coefs] = float(value)
+        expected = 0.3 * float(metrics["router/aux_loss"]) + 0.02 * float(
+            metrics["router/z_loss"])
+        assert expected > 0.01
+        np.testing.assert_allclose(losses[(0.3, 0.02)] - losses[(0.0, 0.0)], expected,
+                                   rtol=1e-4, err_msg=objective)
 
 
 def test_lora_on_experts_trains_with_the_router_losses_logged(tmp_path):

@@ -25,9 +25,9 @@ from jft.objectives.base import ObjectiveBase, register
 from jft.objectives.sequences import (
     PairwiseObjective,
     pair_sums,
+    policy_token_logps,
     reference_token_logps,
     reward_metrics,
-    token_logps,
 )
 
 LossType = Literal["sigmoid", "robust", "hinge", "ipo"]
@@ -78,7 +78,7 @@ class Dpo(PairwiseObjective, ObjectiveBase):
 
     def per_example(self, model, params, adapters, batch, rng):
         config = self.config
-        logps, mask = token_logps(model, params, adapters, batch, rng)
+        logps, mask, auxiliary = policy_token_logps(model, params, adapters, batch, rng)
         policy = pair_sums(logps, mask, batch)
         reference = pair_sums(reference_token_logps(model, params, adapters, batch), mask,
                               batch)
@@ -89,7 +89,7 @@ class Dpo(PairwiseObjective, ObjectiveBase):
         rewards = jax.lax.stop_gradient(config.beta * jnp.stack([chosen, rejected]))
         metrics = reward_metrics(rewards[0], rewards[1], jax.lax.stop_gradient(policy.first),
                                  jax.lax.stop_gradient(policy.second))
-        return losses, policy.valid, metrics, {}
+        return losses, policy.valid, metrics, auxiliary
 
 
 @register

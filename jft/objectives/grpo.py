@@ -29,6 +29,8 @@ from jft.errors import ConfigValueError, JftError
 from jft.objectives.base import ObjectiveBase, register
 from jft.objectives.rewards import check_reward_names
 from jft.objectives.sequences import (
+    AUXILIARY,
+    policy_token_logps,
     reference_adapters,
     segment_sums,
     token_logps,
@@ -143,7 +145,7 @@ class Grpo(ObjectiveBase):
 
     def loss(self, model, params, adapters, batch, rng):
         config = self.config
-        logps, mask = token_logps(model, params, adapters, batch, rng)
+        logps, mask, auxiliary = policy_token_logps(model, params, adapters, batch, rng)
         old = batch.get(OLD_LOGPS_FIELD, jax.lax.stop_gradient(logps))
         ref = None
         if config.beta:
@@ -154,10 +156,11 @@ class Grpo(ObjectiveBase):
             logps, old, ref, batch[ADVANTAGE_FIELD], beta=config.beta,
             epsilon=config.epsilon, epsilon_high=high)
         loss = reduce_losses(losses, mask, batch, config.loss_type, config.max_new_tokens)
+        loss = loss + auxiliary.pop(AUXILIARY)
         count = jnp.maximum(mask.sum(), 1)
         metrics = {"tokens": mask.sum(),
                    "kl": jnp.sum(jnp.where(mask, kl, 0.0)) / count,
-                   "clip_ratio/region_mean": jnp.sum(mask & clipped) / count}
+                   "clip_ratio/region_mean": jnp.sum(mask & clipped) / count, **auxiliary}
         return loss, metrics
 
     def held_out(self, model, params, adapters, batch):

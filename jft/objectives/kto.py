@@ -21,9 +21,9 @@ from jft.objectives.sequences import (
     PairwiseObjective,
     masked_mean,
     pair_sums,
+    policy_token_logps,
     reference_token_logps,
     segment_sums,
-    token_logps,
 )
 
 DESIRABLE_FIELD = "desirable"  # per token: the example's label
@@ -51,7 +51,7 @@ class Kto(PairwiseObjective, ObjectiveBase):
 
     def per_example(self, model, params, adapters, batch, rng):
         config = self.config
-        logps, mask = token_logps(model, params, adapters, batch, rng)
+        logps, mask, auxiliary = policy_token_logps(model, params, adapters, batch, rng)
         half = logps.shape[0] // 2
         # The KL sequences' log-probs carry no gradient (TRL computes them under no_grad).
         logps = jnp.concatenate([logps[:half], jax.lax.stop_gradient(logps[half:])])
@@ -77,4 +77,4 @@ class Kto(PairwiseObjective, ObjectiveBase):
         scalars["rewards/margins"] = scalars["rewards/chosen"] - scalars["rewards/rejected"]
         # Held-out KTO reports its loss only: its reward means are over the desirable and
         # the undesirable examples apart, which a sum over all examples cannot give.
-        return losses, valid, {}, scalars
+        return losses, valid, {}, {**scalars, **auxiliary}

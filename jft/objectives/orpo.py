@@ -19,9 +19,9 @@ from jft.objectives.sequences import (
     PairwiseObjective,
     masked_mean,
     pair_sums,
+    policy_token_logps,
     real_token_mask,
     reward_metrics,
-    token_logps,
 )
 
 
@@ -47,7 +47,7 @@ class Orpo(PairwiseObjective, ObjectiveBase):
 
     def per_example(self, model, params, adapters, batch, rng):
         beta = self.config.beta
-        logps, mask = token_logps(model, params, adapters, batch, rng)
+        logps, mask, auxiliary = policy_token_logps(model, params, adapters, batch, rng)
         pairs = pair_sums(logps, mask, batch)
         chosen = pairs.first / jnp.maximum(pairs.first_count, 1)
         rejected = pairs.second / jnp.maximum(pairs.second_count, 1)
@@ -62,4 +62,5 @@ class Orpo(PairwiseObjective, ObjectiveBase):
                                  jax.lax.stop_gradient(rejected))
         metrics |= {"log_odds_ratio": jax.lax.stop_gradient(ratio),
                     "log_odds_chosen": jax.lax.stop_gradient(log_odds)}
-        return losses, pairs.valid, metrics, {"nll_loss": jax.lax.stop_gradient(nll)}
+        return losses, pairs.valid, metrics, {"nll_loss": jax.lax.stop_gradient(nll),
+                                              **auxiliary}

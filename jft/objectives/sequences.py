@@ -15,9 +15,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jft.objectives.sft import token_losses
+from jft.objectives.auxiliary import auxiliary_loss
+from jft.objectives.sft import token_losses, token_losses_and_aux
 
 REFERENCE_FIELD = "reference_logps"  # precomputed per-token reference log-probs, if any
+# The scalar under this key of an objective's metrics is added to its loss, not logged.
+AUXILIARY = "auxiliary_loss"
 
 
 def token_logps(model, params, adapters, batch, rng=None):
@@ -25,6 +28,14 @@ def token_logps(model, params, adapters, batch, rng=None):
     target mask [R, T]); position 0 and non-targets hold values the mask excludes."""
     losses, mask = token_losses(model, params, adapters, batch, rng)
     return -losses, mask
+
+
+def policy_token_logps(model, params, adapters, batch, rng=None):
+    """`token_logps` of the policy being trained, and {AUXILIARY: what its layers add to
+    the loss (an MoE router's balance loss), and those terms as metrics}."""
+    losses, mask, aux = token_losses_and_aux(model, params, adapters, batch, rng)
+    extra, metrics = auxiliary_loss(model, aux)
+    return -losses, mask, {AUXILIARY: extra, **metrics}
 
 
 def reference_adapters(adapters):
@@ -114,7 +125,8 @@ class PairwiseObjective:
     def loss(self, model, params, adapters, batch, rng):
         losses, valid, metrics, scalars = self.per_example(model, params, adapters, batch, rng)
         means = {name: masked_mean(values, valid) for name, values in metrics.items()}
-        return masked_mean(losses, valid), {**means, **scalars, "pairs": valid.sum()}
+        extra = scalars.pop(AUXILIARY, 0.0)
+        return masked_mean(losses, valid) + extra, {**means, **scalars, "pairs": valid.sum()}
 
     def held_out(self, model, params, adapters, batch):
         losses, valid, metrics, _ = self.per_example(model, params, adapters, batch, None)

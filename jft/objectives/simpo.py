@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from jft.objectives.base import ObjectiveBase, register
-from jft.objectives.sequences import PairwiseObjective, pair_sums, reward_metrics, token_logps
+from jft.objectives.sequences import (
+    PairwiseObjective,
+    pair_sums,
+    policy_token_logps,
+    reward_metrics,
+)
 
 
 def simpo_losses(chosen_mean_logps, rejected_mean_logps, *, beta: float,
@@ -43,7 +48,7 @@ class Simpo(PairwiseObjective, ObjectiveBase):
 
     def per_example(self, model, params, adapters, batch, rng):
         config = self.config
-        logps, mask = token_logps(model, params, adapters, batch, rng)
+        logps, mask, auxiliary = policy_token_logps(model, params, adapters, batch, rng)
         pairs = pair_sums(logps, mask, batch)
         chosen = pairs.first / jnp.maximum(pairs.first_count, 1)
         rejected = pairs.second / jnp.maximum(pairs.second_count, 1)
@@ -56,4 +61,4 @@ class Simpo(PairwiseObjective, ObjectiveBase):
         rewards = jax.lax.stop_gradient(config.beta * jnp.stack([chosen, rejected]))
         metrics = reward_metrics(rewards[0], rewards[1], jax.lax.stop_gradient(chosen),
                                  jax.lax.stop_gradient(rejected))
-        return losses, pairs.valid, metrics, {}
+        return losses, pairs.valid, metrics, auxiliary
