@@ -202,8 +202,7 @@ class ModelConfig:
         per_layer = d * h * k * 2 + d * kv * k * 2 + 3 * d * f * has_mlp + 2 * d
         per_layer += (h + 2 * kv) * k * self.qkv_bias + d * self.o_bias
         per_layer += (2 * f + d) * self.mlp_bias + 2 * k * self.qk_norm + 2 * d * self.post_norms
-        if self.qk_norm_whole:
-            per_layer += (h + kv) * k - 2 * k
+        per_layer += (h + kv) * k * self.qk_norm_whole
         if self.moe is not None:
             e = self.moe
             per_layer += e.num_experts * (d + 3 * d * e.expert_mlp_dim) + d * e.shared_gate

@@ -51,6 +51,11 @@ def _lora_on_experts(model, seed=1, **options):
     return base, adapter.with_delta(jax.tree.unflatten(treedef, noisy))
 
 
+def test_parameter_count_equals_transformers(family):
+    _, _, hf_model, model = family
+    assert model.config.num_params() == sum(p.numel() for p in hf_model.parameters())
+
+
 def test_router_losses_equal_transformers_with_padding(family):
     import torch
 
