@@ -1,11 +1,12 @@
-"""Reading and writing the MoE fields of an HF `config.json`, shared by the MoE families."""
+"""Reading and writing the MoE fields of an HF `config.json`, and reading those of a GGUF
+file's metadata, shared by the MoE families."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from jft.errors import JftError
-from jft.models.checkpoint_fields import HFConfig
+from jft.models.checkpoint_fields import GGUFMetadata, HFConfig
 from jft.models.config import MoeConfig
 
 
@@ -40,3 +41,20 @@ def hf_moe_fields(moe: MoeConfig, experts_key: str, **extra) -> dict[str, Any]:
         "output_router_logits": False,
         **extra,
     }
+
+
+def gguf_moe(meta: GGUFMetadata, norm_topk: bool, **fields) -> MoeConfig:
+    """The routed experts of a llama.cpp GGUF file. llama.cpp runs every layer of these
+    architectures sparse and fixes their routing (`norm_topk`) in code, so the file states
+    neither; without `expert_feed_forward_length` (files older than the key) an expert's
+    width is llama.cpp's fallback, feed_forward_length / expert_used_count."""
+    top_k = meta.require("expert_used_count")
+    dense = meta.require("feed_forward_length")
+    return MoeConfig(
+        num_experts=meta.require("expert_count"),
+        top_k=top_k,
+        expert_mlp_dim=meta.get("expert_feed_forward_length") or dense // top_k,
+        norm_topk=norm_topk,
+        dense_mlp_dim=dense,
+        **fields,
+    )

@@ -4,12 +4,12 @@ experts plus a shared expert every token goes through, scaled by a sigmoid gate.
 from __future__ import annotations
 
 from jft.models import qwen2
-from jft.models.checkpoint_fields import HFConfig
+from jft.models.checkpoint_fields import GGUFMetadata, HFConfig
 from jft.models.config import ModelConfig
-from jft.models.moe_fields import hf_moe, hf_moe_fields
+from jft.models.moe_fields import gguf_moe, hf_moe, hf_moe_fields
 
 HF_MODEL_TYPES = ("qwen2_moe",)
-GGUF_ARCHITECTURES = ()
+GGUF_ARCHITECTURES = ("qwen2moe",)
 
 
 def from_hf(hf: HFConfig) -> ModelConfig:
@@ -19,6 +19,16 @@ def from_hf(hf: HFConfig) -> ModelConfig:
     # The shared expert is the model's own MLP sites, at the shared expert's width.
     return config.replace(family="qwen2_moe", moe=moe,
                           mlp_dim=hf.require("shared_expert_intermediate_size"))
+
+
+def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
+    config = qwen2.from_gguf(meta, vocab_size, tied)
+    # llama.cpp's qwen2moe keeps the top-k softmax weights as they are (no renormalising:
+    # transformers' Qwen2-MoE default, norm_topk_prob: false); the file does not say.
+    moe = gguf_moe(meta, norm_topk=False, shared_expert=True, shared_gate=True)
+    # The shared expert's width; llama.cpp falls back to the dense feed_forward_length.
+    shared = meta.get("expert_shared_feed_forward_length") or moe.dense_mlp_dim
+    return config.replace(family="qwen2_moe", moe=moe, mlp_dim=shared)
 
 
 def to_hf(config: ModelConfig) -> dict:

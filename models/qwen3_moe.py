@@ -4,12 +4,12 @@ top-k routed experts with the chosen weights renormalised (`norm_topk_prob`)."""
 from __future__ import annotations
 
 from jft.models import qwen2
-from jft.models.checkpoint_fields import HFConfig
+from jft.models.checkpoint_fields import GGUFMetadata, HFConfig
 from jft.models.config import ModelConfig
-from jft.models.moe_fields import hf_moe, hf_moe_fields
+from jft.models.moe_fields import gguf_moe, hf_moe, hf_moe_fields
 
 HF_MODEL_TYPES = ("qwen3_moe",)
-GGUF_ARCHITECTURES = ()
+GGUF_ARCHITECTURES = ("qwen3moe",)
 
 
 def from_hf(hf: HFConfig) -> ModelConfig:
@@ -17,6 +17,13 @@ def from_hf(hf: HFConfig) -> ModelConfig:
     key = "num_experts" if hf.get("num_experts") else "num_local_experts"
     config = qwen2.from_hf(hf, family="qwen3")
     return config.replace(family="qwen3_moe", moe=hf_moe(hf, key, norm_topk_default=False))
+
+
+def from_gguf(meta: GGUFMetadata, vocab_size: int, tied: bool) -> ModelConfig:
+    config = qwen2.from_gguf(meta, vocab_size, tied, family="qwen3")
+    # llama.cpp's qwen3moe always renormalises the top-k weights (transformers' GGUF
+    # loader defaults norm_topk_prob to true for it to match); the file does not say.
+    return config.replace(family="qwen3_moe", moe=gguf_moe(meta, norm_topk=True))
 
 
 def to_hf(config: ModelConfig) -> dict:

@@ -107,39 +107,55 @@ def _bias_layout(site: LinearSite) -> Layout:
     return Layout((site.out_axes,), site.out_axes)
 
 
+_BLK = "blk.{i}."  # a GGUF layer's tensors
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """How one format stores a layer's expert stack ({i} the layer, {e} the expert). Each
+    expert's matrix is [out, in], the projections concatenated along out in `out` order,
+    and a checkpoint holds one of three forms:
+    - `fused`: one tensor [E, out, in] (transformers 5 in memory: `mlp.experts.gate_up_proj`
+      [E, 2F, D], gate rows before up rows; llama.cpp: `ffn_down_exps`, and the
+      `ffn_gate_up_exps` of its `--fuse-gate-up-exps`);
+    - `stacked`: one tensor per projection holding every expert, [E, out / n, in]
+      (llama.cpp's `ffn_gate_exps` and `ffn_up_exps`);
+    - `per_expert`: one tensor per expert and projection, [out / n, in], as save_pretrained
+      writes them (`mlp.experts.{e}.gate_proj.weight`, `up_proj`, ...)."""
+
+    fused: str
+    stacked: tuple[str, ...] = ()
+    per_expert: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class ExpertStackSource:
-    """A layer's stack of expert matrices (`LinearSite.experts`), stored either fused, as
-    transformers 5 keeps it in memory (`mlp.experts.gate_up_proj` [E, 2F, D]: per expert
-    [out, in], gate rows before up rows), or one tensor per expert and projection, as
-    save_pretrained writes it (`mlp.experts.{e}.gate_proj.weight` [F, D], `up_proj`, ...).
-    `parts` are those per-expert names ({i} the layer, {e} the expert), in output order."""
+    """A layer's stack of expert matrices (`LinearSite.experts`): where HF checkpoints and
+    GGUF files keep it (`hf`, `gguf`: a `_Reader`'s `name_of` picks one)."""
 
     site: LinearSite
-    fused: str
-    parts: tuple[str, ...]
+    hf: ExpertTensors
+    gguf: ExpertTensors
 
-    @property
-    def hf(self) -> str:
-        return self.fused
-
-    @property
-    def gguf(self) -> str:
-        return self.fused
-
-    def read_layer(self, has, read, config: ModelConfig, i: int) -> np.ndarray:
-        """Layer i's stack in jft's layout [E, *in, *out], from whichever form is stored;
-        `read(name)` gives a whole tensor, `has(name)` says whether it is stored."""
+    def read_layer(self, names: ExpertTensors, has, read, config: ModelConfig,
+                   i: int) -> np.ndarray:
+        """Layer i's stack in jft's layout [E, *in, *out], from whichever of `names`' forms
+        is stored (the fused one where it is); `read(name, shape)` gives a whole tensor,
+        checked to have `shape`, and `has(name)` says whether it is stored."""
         dims_in, dims_out = self.site.dims(config)
-        size_in = math.prod(dims_in)
+        size_in, size_out = math.prod(dims_in), math.prod(dims_out)
         experts = config.num_experts
-        fused = self.fused.format(i=i)
-        if has(fused):
-            stack = read(fused, (experts, math.prod(dims_out), size_in))
+        fused = names.fused.format(i=i)
+        if has(fused) or not (names.stacked or names.per_expert):
+            stack = read(fused, (experts, size_out, size_in))
+        elif names.stacked:
+            rows = size_out // len(names.stacked)
+            stack = np.concatenate([read(name.format(i=i), (experts, rows, size_in))
+                                    for name in names.stacked], axis=1)
         else:
-            part_shape = (math.prod(dims_out) // len(self.parts), size_in)
-            stack = np.stack([np.concatenate([read(part.format(i=i, e=e), part_shape)
-                                              for part in self.parts])
+            rows = size_out // len(names.per_expert)
+            stack = np.stack([np.concatenate([read(part.format(i=i, e=e), (rows, size_in))
+                                              for part in names.per_expert])
                               for e in range(experts)])
         stack = stack.reshape(experts, *dims_out, *dims_in)
         out_axes = range(1, 1 + len(dims_out))
@@ -149,38 +165,43 @@ class ExpertStackSource:
         """(name, shape, thunk reading it) per expert and part of layer i of the stacked
         leaf [L, E, *in, *out], as save_pretrained writes them; one expert is read off the
         device at a time."""
+        parts = self.hf.per_expert
         dims_in, dims_out = self.site.dims(config)
         size_in, size_out = math.prod(dims_in), math.prod(dims_out)
-        rows = size_out // len(self.parts)
+        rows = size_out // len(parts)
 
         def read(e, p):
             matrix = np.asarray(stacked[i, e]).reshape(size_in, size_out).T
             return matrix[p * rows:(p + 1) * rows]
 
         for e in range(config.num_experts):
-            for p, part in enumerate(self.parts):
+            for p, part in enumerate(parts):
                 yield part.format(i=i, e=e), (rows, size_in), partial(read, e, p)
 
 
 def expert_sources(config: ModelConfig) -> dict[str, ExpertStackSource]:
-    """The expert stacks of an MoE family, in its checkpoint's naming."""
+    """The expert stacks of an MoE family, in its checkpoints' naming."""
     from jft.models import mixtral
 
     module, (gate, up, down) = (mixtral.CHECKPOINT_EXPERTS if config.family == "mixtral"
                                 else ("mlp", ("gate_proj", "up_proj", "down_proj")))
     per_expert = HF_LAYER + module + ".experts.{e}.%s.weight"
     sites = {site.name: site for site in linear_sites(config) if site.experts}
+    gate_up, down_site = sites["experts_gate_up"], sites["experts_down"]
     return {
-        "experts_gate_up": ExpertStackSource(sites["experts_gate_up"],
-                                             HF_LAYER + "mlp.experts.gate_up_proj",
-                                             (per_expert % gate, per_expert % up)),
-        "experts_down": ExpertStackSource(sites["experts_down"],
-                                          HF_LAYER + "mlp.experts.down_proj",
-                                          (per_expert % down,)),
+        "experts_gate_up": ExpertStackSource(
+            gate_up,
+            ExpertTensors(HF_LAYER + "mlp.experts.gate_up_proj",
+                          per_expert=(per_expert % gate, per_expert % up)),
+            # llama.cpp's converter splits the gate and up stacks unless told to fuse them.
+            ExpertTensors(f"{_BLK}{gate_up.gguf}.weight",
+                          stacked=(f"{_BLK}ffn_gate_exps.weight", f"{_BLK}ffn_up_exps.weight"))),
+        "experts_down": ExpertStackSource(
+            down_site,
+            ExpertTensors(HF_LAYER + "mlp.experts.down_proj", per_expert=(per_expert % down,)),
+            ExpertTensors(f"{_BLK}{down_site.gguf}.weight")),
     }
 
-
-_BLK = "blk.{i}."
 
 TOP_LEVEL: dict[str, TensorSource] = {
     "embed": TensorSource("model.embed_tokens.weight", "token_embd.weight",

@@ -11,10 +11,19 @@ GGUF loader against files laid out like the ones people download:
 - Llama 3 rope scaling becomes a `rope_freqs.weight` tensor of per-frequency divisors,
   not metadata; linear scaling becomes `rope.scaling.type`/`rope.scaling.factor`;
 - 1-D tensors and `*_norm.weight` stay F32; 2-D weights get `qtype`, falling back to F16
-  when a row is not a whole number of blocks (llama.cpp's `QuantError` fallback).
+  when a row is not a whole number of blocks (llama.cpp's `QuantError` fallback);
+- MoE (`Qwen2MoeModel`, which Qwen3-MoE's converter extends; Mixtral goes out as `llama`
+  with the same stacks): transformers 5's fused `mlp.experts.gate_up_proj` [E, 2F, D] is
+  split into `ffn_gate_exps` and `ffn_up_exps` [E, F, D] (kept whole as `ffn_gate_up_exps`
+  with `fuse_gate_up_exps`, the converter's `--fuse-gate-up-exps`) and `ffn_down_exps` is
+  [E, D, F], all three quantized like the 2-D weights; the routers (`ffn_gate_inp`,
+  `ffn_gate_inp_shexp`) stay F32. Qwen2-MoE's shared-expert gate [1, D] is written as
+  [D], as older converters' `squeeze()` of every tensor left it in the files in
+  circulation (`squeeze=False`: as current ones keep it).
 
 Metadata keys follow each family's `set_gguf_parameters`: Gemma 1/2 write no rope base,
-Gemma 2 writes its soft-capping and window, Gemma 3 its global and local rope bases.
+Gemma 2 writes its soft-capping and window, Gemma 3 its global and local rope bases, the
+MoE families their expert counts and widths.
 
 gguf's Python package has no K-quant encoders, so the Q2_K..Q6_K encoders below are
 simple (not llama.cpp's error-minimising search) but produce valid blocks: decoding
@@ -50,7 +59,13 @@ ARCHITECTURES = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "mixtral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
 }
+
+# Tensors llama.cpp's converter keeps in F32 whatever the quant (the routers).
+ALWAYS_F32 = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 
 K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
@@ -77,13 +92,17 @@ def write_gguf(
     family: str,
     qtype: Q = Q.F32,
     tensor_types: dict[str, Q] | None = None,
+    fuse_gate_up_exps: bool = False,
+    squeeze: bool = True,
 ) -> Path:
     """Writes `hf_model` (a transformers causal LM) to `path` as llama.cpp would.
 
-    `qtype` is the type of the 2-D weights; `tensor_types` overrides it per GGUF tensor
-    name (e.g. `{"blk.1.ffn_up.weight": Q.MXFP4}`). `family` goes into `general.name`
-    (not as the whole name: transformers takes a `llama` file named exactly "mistral"
-    for a Mistral one, then fails to map its tensors).
+    `qtype` is the type of the weights (2-D, and 3-D expert stacks); `tensor_types`
+    overrides it per GGUF tensor name (e.g. `{"blk.1.ffn_up.weight": Q.MXFP4}`). `family`
+    goes into `general.name` (not as the whole name: transformers takes a `llama` file
+    named exactly "mistral" for a Mistral one, then fails to map its tensors). MoE
+    experts' gate and up stay one tensor with `fuse_gate_up_exps`; `squeeze` drops
+    unit axes (see the module docstring).
     """
     config = hf_model.config
     arch = ARCHITECTURES[config.model_type]
@@ -98,10 +117,12 @@ def write_gguf(
 
     tensor_types = tensor_types or {}
     tied = bool(getattr(config, "tie_word_embeddings", False)) or arch in ("gemma", "gemma2")
-    for name, tensor in hf_model.state_dict().items():
+    for name, tensor in _split_experts(hf_model.state_dict(), fuse_gate_up_exps):
         if name == "lm_head.weight" and tied:
             continue  # llama.cpp writes no output.weight for a tied head
         data = tensor.detach().float().numpy().copy()
+        if squeeze:
+            data = data.squeeze()
         if arch == "llama" and re.search(r"\.(q|k)_proj\.(weight|bias)$", name):
             heads = config.num_attention_heads
             if ".k_proj." in name:
@@ -110,7 +131,11 @@ def write_gguf(
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1.0
         base, suffix = name.rsplit(".", 1)
-        gguf_name = names.get_name(base)
+        if base.endswith(".mlp.experts.gate_up_proj"):  # not in gguf's HF -> GGUF name map
+            layer = int(base.split(".")[2])
+            gguf_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_UP_EXP].format(bid=layer)
+        else:
+            gguf_name = names.get_name(base)
         if gguf_name is None:
             raise ValueError(f"no GGUF name for {name!r}")
         gguf_name = f"{gguf_name}.{suffix}"
@@ -123,6 +148,22 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+def _split_experts(state: dict, fuse_gate_up_exps: bool):
+    """(name, tensor) with transformers 5's fused expert stacks named as llama.cpp's
+    `Qwen2MoeModel.modify_tensors` writes them: `gate_up_proj` [E, 2F, D] split into the
+    `gate_proj` and `up_proj` stacks [E, F, D] (gate rows first), `down_proj` [E, D, F]
+    whole; with `fuse_gate_up_exps` the gate/up stack stays whole."""
+    for name, tensor in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj") and not fuse_gate_up_exps:
+            gate, up = tensor.chunk(2, dim=1)
+            yield name.replace("gate_up_proj", "gate_proj.weight"), gate
+            yield name.replace("gate_up_proj", "up_proj.weight"), up
+        elif name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            yield f"{name}.weight", tensor
+        else:
+            yield name, tensor
 
 
 def permute_rotary(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -192,6 +233,16 @@ def _write_parameters(writer: gguf.GGUFWriter, config, arch: str, qtype: Q) -> N
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_file_type(_FILE_TYPES.get(qtype, gguf.LlamaFileType.GUESSED))
+    # TextModel.set_gguf_parameters writes the expert counts, Qwen2MoeModel (and so
+    # Qwen3MoeModel) the routed and shared experts' widths.
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts is not None:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None) is not None:
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None) is not None:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if arch in ("gemma", "gemma2"):  # their own set_gguf_parameters: no rope keys at all
         if arch == "gemma2":
             writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
@@ -317,8 +368,9 @@ def _write_vocab(writer: gguf.GGUFWriter, config) -> None:
 
 
 def _add_tensor(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: Q) -> None:
-    if data.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-        qtype = Q.F32  # llama.cpp keeps 1-D tensors, norms and biases in F32
+    if (data.ndim <= 1 or name.endswith(("_norm.weight", *ALWAYS_F32))
+            or not name.endswith(".weight")):
+        qtype = Q.F32  # llama.cpp keeps 1-D tensors, norms, biases and routers in F32
     try:
         raw = quantize(data, qtype)
     except QuantError:

@@ -264,6 +264,11 @@ def _load_gguf(path: Path, dtype, sharding: ShardingFn | None,
         raise JftError(f"{path}: tensor 'token_embd.weight' is missing")
     vocab_size = int(tensors["token_embd.weight"].shape[0])
     config = config_from_gguf(meta, vocab_size, tied="output.weight" not in tensors)
+    if config.moe is None and meta.get("expert_count"):
+        # llama.cpp writes Mixtral as `llama` with expert stacks in place of the MLP.
+        raise JftError(f"{path}: this {architecture!r} file is a mixture-of-experts model "
+                       f"({meta.get('expert_count')} experts per layer, as llama.cpp writes "
+                       "Mixtral), which jft does not read from GGUF; load its HF checkpoint")
     # llama.cpp marks biases only by their tensors being present.
     config = config.replace(
         qkv_bias="blk.0.attn_q.bias" in tensors,
@@ -271,12 +276,19 @@ def _load_gguf(path: Path, dtype, sharding: ShardingFn | None,
         mlp_bias="blk.0.ffn_up.bias" in tensors,
     )
 
+    def squeezed(name: str) -> bool:
+        # llama.cpp's converter squeezed Qwen2-MoE's shared-expert gate [1, D] to [D], the
+        # shape its loader asks for; newer converters keep [1, D]. Both read as [1, D].
+        return name.endswith(SQUEEZED_ROW) and len(tensors[name].shape) == 1
+
     def shape(name: str) -> tuple[int, ...]:
         if name not in tensors:
             raise JftError(f"{path}: tensor {name!r} is missing")
-        return tensors[name].shape
+        return (1, *tensors[name].shape) if squeezed(name) else tensors[name].shape
 
     def read(name: str, rows, columns) -> np.ndarray:
+        if squeezed(name):  # its one row, the columns asked for
+            return gguf_file.read(name, dtype, columns)[None]
         if config.norm_plus_one and name.endswith("norm.weight"):
             # llama.cpp stores Gemma's norms as 1 + w
             return gguf_file.read(name, rows=rows, columns=columns) - 1.0
@@ -298,7 +310,8 @@ def _load_gguf(path: Path, dtype, sharding: ShardingFn | None,
 
     reader = _Reader(name_of=lambda source: source.gguf, shape=shape, read=read,
                      describe=lambda name: f"{path}: tensor {name!r}",
-                     kind=lambda name: tensors[name].kind.name, read_stored=read_stored)
+                     kind=lambda name: tensors[name].kind.name, read_stored=read_stored,
+                     has=lambda name: name in tensors)
     params = _build_params(config, dtype, reader, sharding, building)
     tokenizer = _with_chat_template(load_tokenizer_from_gguf(fields, path), config)
     return Checkpoint(config, params, tokenizer, path, building.report)
@@ -313,6 +326,7 @@ def _with_chat_template(tokenizer: Tokenizer | None, config: ModelConfig) -> Tok
 
 
 ROTARY_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+SQUEEZED_ROW = "ffn_gate_inp_shexp.weight"
 
 
 def unpermute_rotary(weights: np.ndarray, head_dim: int) -> np.ndarray:
@@ -341,7 +355,7 @@ class _Reader:
     """A checkpoint's tensors: the name of a `TensorSource` in this format, a tensor's
     shape, and `read(name, rows, columns)` of a block (in the load dtype or float32)."""
 
-    name_of: Callable[[TensorSource], str]
+    name_of: Callable[[TensorSource], str]  # of an ExpertStackSource: its ExpertTensors
     shape: Callable[[str], tuple[int, ...]]
     read: Callable[[str, tuple[int, int], tuple[int, int] | None], np.ndarray]
     describe: Callable[[str], str]  # "file: tensor 'name'", for errors
@@ -559,23 +573,18 @@ def _fill_layers(reader: _Reader, source: TensorSource, leaf: _Shards, config: M
 
 def _fill_expert_layers(reader: _Reader, source: ExpertStackSource, leaf: _Shards,
                         config: ModelConfig):
-    """An expert stack, one layer's experts read whole at a time (fused or per expert)."""
+    """An expert stack, one layer's experts read whole at a time (fused, stacked per
+    projection or per expert), each tensor's shape checked as it is read."""
 
     def read(name, shape):
-        if shape is not None:
-            _check_shape(reader, name, shape)
-        return reader.read(name, (0, reader.shape(name)[0]), None)
+        _check_shape(reader, name, shape)
+        return reader.read(name, (0, shape[0]), None)
 
     for i in range(config.num_layers):
         holding = [part for part in leaf.parts() if part[0][0] <= i < part[0][1]]
         if not holding:
             continue
-        value = source.read_layer(reader.has, read, config, i)
-        expected = leaf.shape[1:]
-        if value.shape != expected:
-            raise JftError(f"{reader.describe(source.parts[0].format(i=i, e=0))}: the experts "
-                           f"of layer {i} make {list(value.shape)}, which does not fit the "
-                           f"config (expected {list(expected)})")
+        value = source.read_layer(reader.name_of(source), reader.has, read, config, i)
         for part in holding:
             block = value[tuple(slice(*r) for r in part[1:])]
             leaf.write(_write_layer, part, block, i - part[0][0])
