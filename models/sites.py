@@ -220,10 +220,7 @@ class LinearSite:
 
 def _grouped(x, weight, in_count: int, groups):
     """Rows x [M, *in] through per-group weights [G, *in, *out] -> [M, *out]."""
-    rows, dims_in, dims_out = x.shape[0], weight.shape[1:1 + in_count], weight.shape[1 + in_count:]
-    matrix = weight.reshape(weight.shape[0], math.prod(dims_in), math.prod(dims_out))
-    y = grouped_matmul(x.reshape(rows, -1), matrix.astype(x.dtype), groups)
-    return y.reshape(rows, *dims_out)
+    return grouped_matmul(x, weight, groups, in_count)
 
 
 def _transpose(array, source: str, target: str, lead: int):
