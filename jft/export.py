@@ -23,7 +23,8 @@ from jft.errors import JftError, run_cli
 
 FORMATS = ("merged", "peft", "jft", "gguf")
 # What each format can express; the others have no equivalent there.
-UNMERGEABLE = ("prompt_tuning", "prefix_tuning")  # virtual tokens are inputs, not weights
+# Virtual tokens are inputs, not weights; routed LoRA experts are a function of the input.
+UNMERGEABLE = ("prompt_tuning", "prefix_tuning", "mixlora", "mola")
 
 
 def build_parser():

@@ -379,7 +379,7 @@ class LayerHooks:
         for adapter, delta in self.pairs:
             if adapter.impl.wraps_feed_forward(adapter.delta, delta, adapter.config):
                 base = partial(adapter.impl.feed_forward, inner=base, delta=adapter.delta,
-                               delta_layer=delta, layer=self, valid=valid,
+                               delta_layer=delta, layer=self, params=layer, valid=valid,
                                config=adapter.config)
         return base(h)
 

@@ -87,6 +87,10 @@ mesh:
   rules:
     vocab: tensor
     mlp: [fsdp, tensor]
+moe:
+  impl: dense
+  aux_loss_coef: 0.01
+  z_loss_coef: 0.001
 output_dir: {out}
 """
 

@@ -50,6 +50,8 @@ CASES = {
     "hft": ("hft", {}),
     "osf": ("osf", dict(preserved_rank=0.5)),
     "sparse_delta": ("sparse_delta", dict(count=8)),
+    "mixlora": ("mixlora", {}),
+    "mola": ("mola", dict(experts_per_layer=[2, 4])),
 }
 
 

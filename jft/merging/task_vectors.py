@@ -19,7 +19,8 @@ import numpy as np
 
 from jft.errors import JftError
 
-UNMERGEABLE = ("prompt_tuning", "prefix_tuning")  # virtual tokens are inputs, not weights
+# Virtual tokens are inputs, not weights; routed LoRA experts are a function of the input.
+UNMERGEABLE = ("prompt_tuning", "prefix_tuning", "mixlora", "mola")
 
 
 @dataclass

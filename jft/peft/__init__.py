@@ -11,6 +11,8 @@ from jft.peft import (  # each module registers its method
     ia3,
     lisa,
     lora,
+    mixlora,
+    mola,
     norm_tuning,
     osf,
     prefix_tuning,
@@ -25,7 +27,7 @@ from jft.peft.factory import create, make_config
 
 __all__ = [
     "REGISTRY", "Adapter", "MethodBase", "Targets", "bitfit", "create", "full",
-    "get_method", "hft", "ia3", "lisa", "lora", "make_config", "norm_tuning", "osf",
-    "prefix_tuning", "prompt_tuning", "register", "s2ft", "sparse_delta", "spiel",
-    "ssf",
+    "get_method", "hft", "ia3", "lisa", "lora", "make_config", "mixlora", "mola",
+    "norm_tuning", "osf", "prefix_tuning", "prompt_tuning", "register", "s2ft",
+    "sparse_delta", "spiel", "ssf",
 ]

@@ -72,11 +72,12 @@ class Method(Protocol):
         """Whether this adapter's `feed_forward` wraps the layer's feed-forward (static)."""
 
     def feed_forward(self, h: jax.Array, inner: Any, delta: Delta, delta_layer: Delta, layer,
-                     valid: jax.Array, config: Any) -> tuple[jax.Array, dict]:
+                     params: dict, valid: jax.Array, config: Any) -> tuple[jax.Array, dict]:
         """The layer's feed-forward on the normed h [B, T, D], computed around `inner(h)`
         -> (y, aux), the one it wraps: (y [B, T, D], aux), aux a dict of arrays summed over
         layers and handed to the objective (`forward`'s return_aux; MixLoRA reports its
-        router's balance loss there). `valid` [B, T] marks real tokens."""
+        router's balance loss there). `params` are the layer's (its MLP weights, through
+        `layer.linear`); `valid` [B, T] marks real tokens."""
 
     def prompt_embeddings(self, delta: Delta, config: Any) -> jax.Array | None:
         """Virtual-token embeddings [P, D] prepended to the input, or None."""
@@ -173,7 +174,7 @@ class MethodBase:
     def wraps_feed_forward(self, delta, delta_layer, config) -> bool:
         return False
 
-    def feed_forward(self, h, inner, delta, delta_layer, layer, valid, config):
+    def feed_forward(self, h, inner, delta, delta_layer, layer, params, valid, config):
         return inner(h)
 
     def prompt_embeddings(self, delta, config):

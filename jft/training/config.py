@@ -240,7 +240,8 @@ class TrainConfig:
         resolved = self.to_dict()
         if resolved["objective"] == "sft":  # the default: runs from before the key resume
             del resolved["objective"]
-        if resolved["moe"] == _plain(dataclasses.asdict(MoeSection())):  # likewise
+        # likewise (and `impl` never counts: it changes how, not what, a run computes)
+        if {**resolved["moe"], "impl": "grouped"} == _plain(dataclasses.asdict(MoeSection())):
             del resolved["moe"]
         if resolved["quantize"] == "none":  # likewise, and then the other keys do nothing
             for key in ("quantize", "quantize_block", "double_quant", "quantize_embeddings"):
@@ -278,9 +279,10 @@ def fingerprint_of(resolved: dict, excluded: Sequence[str]) -> str:
     for dotted in excluded:
         *parents, last = dotted.split(".")
         node = resolved
-        for part in parents:
-            node = node[part]
-        node.pop(last, None)
+        for part in parents:  # a section left out as default has nothing to exclude
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
     text = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
