@@ -261,11 +261,12 @@ class Lora(MethodBase):
         return {"layers": layers}
 
 
-def _fused(layer, config, inner_is_grouped=False) -> bool:
+def _fused(layer, config, experts=False) -> bool:
     """Whether LoRA runs as the fused kernel (`kernels`) over a plain linear: plain LoRA and
-    rsLoRA; DoRA's rescaling and active dropout take the XLA path."""
+    rsLoRA; DoRA's rescaling, active dropout and expert stacks (grouped rows, per-expert
+    factors) take the XLA path."""
     return (not config.dora and not (config.dropout and layer.rng is not None)
-            and not inner_is_grouped and use_kernel("lora_linear", layer.config))
+            and not experts and use_kernel("lora_linear", layer.config))
 
 
 def _fused_linear(site, x, inner, entry, p, layer):
