@@ -1,0 +1,31 @@
+"""`dedup`: drop near-duplicates by embedding similarity (Deita's Repr Filter).
+
+The pool is walked in order (its own, or by a score file's scores with `--order`), and a
+record is kept only if the cosine similarity of its embedding to every record already
+kept is at most `--threshold` (Deita: 0.9), until the budget is met. Embeddings are the
+mean of the model's final hidden states over the record's tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jft.select.diversity import greedy_dedup
+from jft.select.methods.base import Context, Selection, SelectionMethod, register
+
+
+@register
+class Dedup(SelectionMethod):
+    name = "dedup"
+    summary = "the first records not within --threshold cosine similarity of one kept"
+
+    def select(self, context: Context) -> Selection:
+        vectors = context.embeddings()
+        order = np.arange(len(vectors))
+        chosen = greedy_dedup(vectors, order, threshold=context.options.threshold,
+                              budget=context.budget)
+        scores = np.full(len(vectors), np.nan)
+        scores[chosen] = -np.arange(len(chosen), dtype=np.float64)  # walk order
+        report = [f"dedup: {len(chosen)} kept at cosine similarity <= "
+                  f"{context.options.threshold}"]
+        return Selection(chosen, scores, report=report)
