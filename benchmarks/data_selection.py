@@ -30,7 +30,7 @@ POOL = ROOT / "examples/select/pool.jsonl"
 LABELS = ROOT / "examples/select/pool_labels.jsonl"
 TARGET = ROOT / "examples/select/target.jsonl"
 QUICKSTART = ROOT / "examples/quickstart/config.yaml"
-EXTRA = {"less": ["--dim", "1024", "--warmup-epochs", "2"]}
+EXTRA = {"less": ["--dim", "1024", "--warmup-epochs", "1"]}
 
 
 def main() -> int:

@@ -356,6 +356,7 @@ class Run:
         from jft.training.config import build_optimizer, build_schedule, wrap_accumulation
 
         train = self.config.train
+        _check_decay_names(train.weight_decay_on, adapters)
         self.schedule = build_schedule(train)  # the optimiser's, and the logged rate's
         optimizer = masked_optimizer(build_optimizer(train, schedule=self.schedule), adapters)
         return wrap_accumulation(optimizer, train.grad_accum)
@@ -592,6 +593,20 @@ class Run:
 
 # What every step reports, logged under names of its own; the rest is the objective's.
 _STEP_METRICS = ("loss", "grad_norm", "finite", "tokens", "pairs")
+
+
+def _check_decay_names(names, adapters) -> None:
+    """`train.weight_decay_on` must name leaves the adapter trains, or it decays nothing."""
+    from jft.peft.base import partition
+
+    if names is None:
+        return
+    present = {str(getattr(path[-1], "key", path[-1])) for adapter in partition(adapters)[0]
+               for path, _ in jax.tree_util.tree_flatten_with_path(adapter.delta)[0]}
+    unknown = sorted(set(names) - present)
+    if unknown:
+        raise ConfigValueError("train.weight_decay_on", f"{unknown[0]!r} names no trained "
+                               f"leaf of the adapter; its leaves: {', '.join(sorted(present))}")
 
 
 class _EvalExample(NamedTuple):

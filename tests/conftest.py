@@ -13,7 +13,8 @@ SLOW_FIRST = ("test_sharding.py", "test_continual_cli.py", "test_train_cli.py", 
               "test_export.py", "test_bundled_models.py", "test_delta_axes.py",
               "test_notebooks.py", "test_sharded_loading.py",
               "test_lora_inits.py", "test_peft_lora.py", "test_peft_lisa_hft.py",
-              "test_moe.py", "test_mixlora_quickstart.py")
+              "test_moe.py", "test_mixlora_quickstart.py", "test_select.py",
+              "test_select_active.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import jax
 import optax
 import yaml
 
@@ -131,6 +132,9 @@ class TrainSection:
     warmup_steps: int = _field(0, min=0)
     min_lr_ratio: float = _field(0.0, min=0.0, max=1.0)
     weight_decay: float = _field(0.0, min=0.0)
+    # The delta leaves weight decay applies to, by name (`[b]`: LoRA's B alone, STAR's
+    # calibration); None: every trainable leaf.
+    weight_decay_on: list[str] | None = None
     grad_clip: float = _field(1.0, min=0.0)
     optimizer: Optimizer = "adamw"
     beta1: float | None = _field(None, min=0.0, below=1.0)
@@ -243,6 +247,8 @@ class TrainConfig:
         # likewise (and `impl` never counts: it changes how, not what, a run computes)
         if {**resolved["moe"], "impl": "grouped"} == _plain(dataclasses.asdict(MoeSection())):
             del resolved["moe"]
+        if resolved["train"]["weight_decay_on"] is None:  # likewise
+            del resolved["train"]["weight_decay_on"]
         if resolved["quantize"] == "none":  # likewise, and then the other keys do nothing
             for key in ("quantize", "quantize_block", "double_quant", "quantize_embeddings"):
                 del resolved[key]
@@ -787,20 +793,21 @@ def build_optimizer(
     `build_schedule` gave, when the caller also reads it (the logged learning rate).
     """
     schedule = schedule or build_schedule(train, total_steps)
-    wd = train.weight_decay
+    wd, decayed = train.weight_decay, _decay_mask(train.weight_decay_on)
     if train.optimizer == "adamw":
         tx = optax.adamw(schedule, b1=_or(train.beta1, 0.9), b2=_or(train.beta2, 0.999),
-                         eps=1e-8, weight_decay=wd)
+                         eps=1e-8, weight_decay=wd, mask=decayed)
     elif train.optimizer == "lion":
         tx = optax.lion(schedule, b1=_or(train.beta1, 0.9), b2=_or(train.beta2, 0.99),
-                        weight_decay=wd)
+                        weight_decay=wd, mask=decayed)
     elif train.optimizer == "adafactor":
         tx = optax.adafactor(schedule, multiply_by_parameter_scale=False,
-                             momentum=train.beta1, weight_decay_rate=wd or None)
+                             momentum=train.beta1, weight_decay_rate=wd or None,
+                             weight_decay_mask=decayed)
     elif train.optimizer == "sgd":
         tx = optax.sgd(schedule, momentum=train.momentum or None)
         if wd:
-            tx = optax.chain(optax.add_decayed_weights(wd), tx)
+            tx = optax.chain(optax.add_decayed_weights(wd, mask=decayed), tx)
     else:  # from_dict refuses other names; this guards hand-built sections
         raise JftError(
             f"train.optimizer {train.optimizer!r}; valid: {', '.join(typing.get_args(Optimizer))}"
@@ -808,6 +815,23 @@ def build_optimizer(
     if train.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), tx)
     return tx
+
+
+def _decay_mask(names: Sequence[str] | None):
+    """optax's weight-decay mask: True for the delta leaves named in `names`; None (every
+    leaf) without names."""
+    if names is None:
+        return None
+    wanted = set(names)
+
+    def mask(params):
+        def decayed(path, _):
+            last = path[-1] if path else None
+            return str(getattr(last, "key", getattr(last, "name", last))) in wanted
+
+        return jax.tree_util.tree_map_with_path(decayed, params)
+
+    return mask
 
 
 def wrap_accumulation(
