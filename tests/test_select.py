@@ -281,3 +281,39 @@ def test_existing_outputs_are_never_overwritten(tiny, tmp_path, capsys):
     assert "subset.scores.jsonl exists" in capsys.readouterr().err
     assert (tmp_path / "subset.scores.jsonl").read_text() == "keep me\n"
     assert not (tmp_path / "subset.jsonl").exists()
+
+
+def test_iterative_kmq_trains_between_rounds_and_reweights_clusters(tiny, tmp_path, capsys):
+    import yaml
+
+    model, pool, _ = tiny
+    config = tmp_path / "round.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model),
+        "method": {"name": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
+        "data": {"format": "prompt_completion", "max_length": 48},
+        "train": {"batch_size": 2, "learning_rate": 1e-3}}))
+    _, scores = select(tiny, tmp_path, "kmq", "--clusters", "3", "--iterations", "2",
+                       "--train-config", str(config), "--max-new-tokens", "4", budget="6")
+    report = capsys.readouterr().err
+    assert sum(s["selected"] for s in scores) == 6
+    weights = [float(w) for w in report.split("final cluster weights ")[1].split()[:3]]
+    assert sum(weights) == pytest.approx(1, abs=2e-3) and len(set(weights)) > 1
+    round_run = tmp_path / "subset.jsonl.work/kmq-round-1/run"
+    assert (round_run / "checkpoints").is_dir()
+    first_round = (tmp_path / "subset.jsonl.work/kmq-round-1/data.jsonl").read_bytes()
+    assert len(first_round.splitlines()) == 3  # b/N before the first training
+
+
+def test_cache_dir_reuses_embeddings_and_losses_across_methods(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    _, first = select(tiny, tmp_path, "perplexity", "--cache-dir", str(cache), out="a.jsonl")
+    _, kmq = select(tiny, tmp_path, "kmq", "--cache-dir", str(cache), "--clusters", "2",
+                    out="b.jsonl")
+    stored = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in cache.iterdir())
+    assert stored == ["embeddings-pool", "losses-examples"]
+    _, again = select(tiny, tmp_path, "perplexity", "--cache-dir", str(cache), out="c.jsonl")
+    assert [s["score"] for s in again] == [s["score"] for s in first]
+    selected = [s["index"] for s in kmq if s["selected"]]
+    np.testing.assert_allclose([kmq[i]["score"] for i in selected],
+                               [-np.log(-first[i]["score"]) for i in selected], rtol=1e-6)

@@ -16,11 +16,9 @@ selector without an adapter costs one forward pass of the base and a few KB on d
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -30,14 +28,11 @@ import optax
 from safetensors import SafetensorError, safe_open
 
 from jft.errors import JftError
-from jft.models import ModelConfig, forward
+from jft.models import ModelConfig
 from jft.storage import save_safetensors
 
 FORMAT = "jft-selector"
 FORMAT_VERSION = 1
-# Prompt lengths are padded up to a multiple of this, so that the jitted feature function
-# compiles once per bucket rather than once per length.
-LENGTH_BUCKET = 32
 _TENSORS = ("mean", "scale", "weights", "bias")
 
 
@@ -47,13 +42,12 @@ _TENSORS = ("mean", "scale", "weights", "bias")
 def prompt_features(model: ModelConfig, params, prompts: Sequence[Sequence[int]],
                     batch_size: int = 16) -> np.ndarray:
     """Features [N, D] float32 of N prompts (token-id lists): the mean over each prompt's
-    tokens of the base model's final hidden states (after the final norm).
+    tokens of the base model's final hidden states (after the final norm), batched as
+    `jft.select.features.embeddings` batches, so a prompt's features do not depend on
+    what it was batched with."""
+    from jft.select.features import embeddings
+    from jft.training.data import TokenizedExample, TokenizedExamples
 
-    Prompts are batched by length (sorted, so that a batch pads little), padded on the
-    right to a multiple of LENGTH_BUCKET tokens and to `batch_size` rows; padding is
-    segment 0, which no real token attends to, so a prompt's features do not depend on
-    what it was batched with.
-    """
     if batch_size < 1:
         raise JftError(f"batch_size must be at least 1, got {batch_size}")
     prompts = [list(p) for p in prompts]
@@ -62,29 +56,9 @@ def prompt_features(model: ModelConfig, params, prompts: Sequence[Sequence[int]]
             raise JftError(f"prompt {i} is empty; a prompt needs at least one token")
         if min(prompt) < 0 or max(prompt) >= model.vocab_size:
             raise JftError(f"prompt {i} has token ids outside 0..{model.vocab_size - 1}")
-    features = np.zeros((len(prompts), model.embed_dim), np.float32)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
-        length = LENGTH_BUCKET * math.ceil(max(len(prompts[i]) for i in rows) / LENGTH_BUCKET)
-        tokens = np.zeros((batch_size, length), np.int32)
-        segment_ids = np.zeros((batch_size, length), np.int32)
-        for row, i in enumerate(rows):
-            tokens[row, :len(prompts[i])] = prompts[i]
-            segment_ids[row, :len(prompts[i])] = 1
-        pooled = _mean_hidden(model, params, tokens, segment_ids)
-        features[rows] = np.asarray(pooled)[:len(rows)]
-    return features
-
-
-@partial(jax.jit, static_argnums=0)
-def _mean_hidden(model: ModelConfig, params, tokens, segment_ids) -> jax.Array:
-    """Mean final hidden state [B, D] over each row's real tokens (segment id != 0)."""
-    hidden, _ = forward(model, params, tokens, segment_ids=segment_ids, return_hidden=True)
-    real = (segment_ids != 0).astype(jnp.float32)  # [B, T]
-    total = jnp.einsum("BTD,BT->BD", hidden.astype(jnp.float32), real)
-    # Rows that only pad the batch have no tokens: divide by 1, their output is dropped.
-    return total / jnp.maximum(real.sum(axis=1), 1.0)[:, None]
+    examples = TokenizedExamples.from_examples(TokenizedExample(p, [False] * len(p))
+                                               for p in prompts)
+    return embeddings(model, params, (), examples, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------ the classifier
