@@ -218,6 +218,16 @@ def test_less_warms_up_on_the_pool_and_scores_each_checkpoint(tiny, tmp_path, ca
     _, again = select(tiny, tmp_path, "less", "--dim", "64", "--adapter",
                       str(tmp_path / "subset.jsonl.work/less-warmup/run"), out="again.jsonl")
     np.testing.assert_allclose([s["score"] for s in again], values, rtol=1e-5, atol=1e-6)
+    # A PEFT adapter is one checkpoint, with plain gradients (no optimiser state).
+    from jft.export import main as export
+
+    assert export([str(tmp_path / "subset.jsonl.work/less-warmup/run"), "--out",
+                   str(tmp_path / "peft"), "--format", "peft"]) == 0
+    capsys.readouterr()
+    _, plain = select(tiny, tmp_path, "less", "--dim", "64", "--adapter",
+                      str(tmp_path / "peft"), out="plain.jsonl")
+    assert "checkpoints adapter (weight 1.000)" in capsys.readouterr().err
+    assert [s["score"] for s in plain] != values
 
 
 def test_other_pool_formats_keep_their_records(tiny, tmp_path):
@@ -255,6 +265,10 @@ def test_other_pool_formats_keep_their_records(tiny, tmp_path):
     ({"--target": None, "--method": "got-d"}, "--method got-d scores against a target set"),
     ({"--format": "preference"}, "--format 'preference'; valid: auto, text"),
     ({"--method": "kmq", "--clusters": "many"}, "--clusters 'many'; expected auto or a count"),
+    ({"--method": "got-d", "--solver": "magic"}, "--solver 'magic'; valid: sinkhorn, emd"),
+    ({"--method": "less", "--warmup-fraction": "1.5"}, "--warmup-fraction 1.5; expected more"),
+    ({"--method": "less", "--dim": "100"}, "--dim 100; expected a multiple of 32"),
+    ({"--method": "kmq", "--iterations": "3"}, "--iterations > 1 trains between rounds"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, change, message):
     from jft.errors import run_cli

@@ -110,7 +110,6 @@ def select(args):
     import jft
     from jft.select.methods import Context, get_method
     from jft.select.pool import (
-        POOL_FORMATS,
         output_paths,
         parse_budget,
         read_pool,
@@ -123,9 +122,7 @@ def select(args):
     method = get_method(args.method)
     if args.batch_size < 1 or args.max_length < 2:
         raise JftError("--batch-size must be at least 1 and --max-length at least 2")
-    parse_budget(args.budget, sys.maxsize)  # its syntax, before the model loads
-    if args.format not in ("auto", *POOL_FORMATS):
-        raise JftError(f"--format {args.format!r}; valid: auto, {', '.join(POOL_FORMATS)}")
+    check_options(args)
     out, scores_path = output_paths(args.pool, args.out)
     if method.needs_target and args.target is None:
         raise JftError(f"--method {args.method} scores against a target set; give --target "
@@ -152,6 +149,55 @@ def select(args):
              *selection.report, f"wrote {out} and {scores_path}"]
     print("\n".join(lines), file=sys.stderr)
     return selection, pool
+
+
+def check_options(args) -> None:
+    """Every option's value, before the model loads: a typo fails in a second, not after
+    the pool's embeddings."""
+    from jft.select.pool import POOL_FORMATS, parse_budget
+    from jft.select.projection import check_dim
+
+    def choice(flag, value, valid):
+        if value not in valid:
+            raise JftError(f"{flag} {value!r}; valid: {', '.join(valid)}")
+
+    def bound(flag, value, low, high=None, inclusive=True):
+        ok = value >= low if inclusive else value > low
+        if not ok or (high is not None and value > high):
+            upper = f" and at most {high}" if high is not None else ""
+            raise JftError(f"{flag} {value!r}; expected {'at least' if inclusive else 'more than'} "
+                           f"{low}{upper}")
+
+    parse_budget(args.budget, sys.maxsize)
+    choice("--format", args.format, ("auto", *POOL_FORMATS))
+    bound("--batch-size", args.batch_size, 1)
+    bound("--max-length", args.max_length, 2)
+    check_dim(args.dim)
+    bound("--warmup-fraction", args.warmup_fraction, 0, 1, inclusive=False)
+    bound("--warmup-epochs", args.warmup_epochs, 1)
+    bound("--warmup-lr", args.warmup_lr, 0, inclusive=False)
+    bound("--warmup-batch-size", args.warmup_batch_size, 1)
+    choice("--metric", args.metric, ("euclidean", "sqeuclidean", "cosine"))
+    choice("--solver", args.solver, ("sinkhorn", "emd"))
+    bound("--reg", args.reg, 0, inclusive=False)
+    if args.clusters != "auto" and not (args.clusters.isdigit() and int(args.clusters) >= 1):
+        raise JftError(f"--clusters {args.clusters!r}; expected auto or a count from 1 to the "
+                       "pool size")
+    choice("--quality", args.quality, ("perplexity", "none"))
+    bound("--temperature", args.temperature, 0, inclusive=False)
+    choice("--allocation", args.allocation, ("proportional", "uniform"))
+    bound("--iterations", args.iterations, 1)
+    bound("--max-new-tokens", args.max_new_tokens, 1)
+    bound("--ifd-max", args.ifd_max, 0, inclusive=False)
+    choice("--keep", args.keep, ("low", "high"))
+    bound("--threshold", args.threshold, -1, 1)
+    if args.method == "kmq" and args.iterations > 1 and args.train_config is None:
+        raise JftError("--iterations > 1 trains between rounds: give --train-config, a "
+                       "jft.train config (its model, data.train and train.steps are set here)")
+    if args.method == "got-d":
+        from jft.select.transport import _require_pot
+
+        _require_pot()
 
 
 if __name__ == "__main__":

@@ -118,7 +118,10 @@ def _check(config: ActiveConfig, path: str) -> None:
             fail(key, f"{value!r}; expected an integer >= 1")
     if not isinstance(config.epochs, int | float) or config.epochs <= 0:
         fail("epochs", f"{config.epochs!r}; expected a number > 0")
-    dropout = (config.train.get("method") or {}).get("dropout", 0.0)
+    method = config.train.get("method") or {}
+    dropout = method.get("dropout", 0.0) if isinstance(method, dict) else 0.0
+    if not (config.train.get("data") or {}).get("eval"):
+        fail("train.data.eval", "every round is evaluated: give the eval file of the task")
     if config.strategy == "star" and config.mc_samples > 1 and not dropout:
         fail("mc_samples", f"{config.mc_samples} Monte-Carlo passes need the LoRA dropout on: "
              "set train.method.dropout (STAR: 0.1), or mc_samples: 1")

@@ -108,6 +108,7 @@ def run_checkpoints(run_dir: str | os.PathLike, model: ModelConfig, params
     since the previous checkpoint (LESS's η̄ᵢ), the weights summing to 1."""
     import orbax.checkpoint as ocp
 
+    from jft.peft import get_method
     from jft.peft.optim import masked_optimizer
     from jft.training.checkpoints import RunCheckpoints, read_run_adapter
     from jft.training.config import (
@@ -136,10 +137,11 @@ def run_checkpoints(run_dir: str | os.PathLike, model: ModelConfig, params
         for step, rate in zip(steps, rates, strict=True):
             method, method_config, delta = read_run_adapter(
                 run_dir / "checkpoints" / str(step), model)
-            if method != "lora":
-                raise JftError(f"{run_dir}: trained method {method}; LESS takes the "
-                               "gradients of a LoRA adapter")
             adapter = Adapter(delta, method, method_config)
+            if method != "lora" or get_method(method).rebase(params, delta, model,
+                                                             method_config) is not params:
+                raise JftError(f"{run_dir}: LESS takes the gradients of a LoRA adapter over "
+                               "the unchanged base (not PiSSA-like inits, which rewrite it)")
             moments = None
             if adam:
                 optimizer = wrap_accumulation(masked_optimizer(

@@ -3,13 +3,13 @@ the chosen records written back unchanged in the pool's own format.
 
 A JSON-lines pool's chosen lines are copied byte for byte; a JSON array's objects are
 re-serialised from the file's own objects (not from datasets' Arrow rows, which add null
-fields a record did not have); CSV and Parquet rows go through pyarrow's `take`, and a
-saved `datasets` folder through `Dataset.select`.
+fields a record did not have); Parquet rows go through pyarrow's `take`, and a
+saved `datasets` folder through `Dataset.select`. CSV rows are read by pandas as
+datasets reads them, every value as text, and written back with pandas.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Iterator
@@ -123,6 +123,8 @@ def parse_budget(value: str, pool_size: int) -> int:
             if count < 1:
                 raise ValueError
             return min(count, pool_size)
+        if fraction > 1 and fraction.is_integer() and not text.endswith("%"):
+            return min(int(fraction), pool_size)  # 1e3: a count written as a float
         if not 0 < fraction <= 1:
             raise ValueError
     except ValueError:
@@ -177,14 +179,11 @@ def write_subset(pool: Path, indices: np.ndarray, out: Path) -> None:
             json.dump([records[i] for i in chosen], file, ensure_ascii=False, indent=1)
             file.write("\n")
     elif pool.suffix.lower() == ".csv":
-        with open(pool, newline="", encoding="utf-8") as source:
-            rows = csv.reader(source)
-            header = next(rows)
-            keep = set(chosen.tolist())
-            with open(partial, "w", newline="", encoding="utf-8") as file:
-                writer = csv.writer(file)
-                writer.writerow(header)
-                writer.writerows(row for i, row in enumerate(rows) if i in keep)
+        import pandas as pd
+
+        # Read as datasets reads it (pandas), every value as text so that none is re-typed.
+        table = pd.read_csv(pool, dtype=str, keep_default_na=False)
+        table.iloc[chosen].to_csv(partial, index=False)
     else:
         import pyarrow.parquet as pq
 

@@ -226,7 +226,8 @@ def pool_potentials(pool, target, *, metric: str = "euclidean", solver: str = "s
         if not converged:
             warnings.warn(f"got-d: Sinkhorn did not converge in {max_iterations} iterations "
                           f"(marginal error {error:.2e} > tolerance {tolerance:g}); raise "
-                          "max_iterations or reg", stacklevel=2)
+                          "the regularisation (--reg) or solve exactly (--solver emd)",
+                          stacklevel=2)
     plan = np.asarray(plan, np.float64)
     shift = float(f.mean())
     return Potentials(f=f - shift, g=g + shift, cost=float(np.sum(plan * costs)),

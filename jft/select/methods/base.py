@@ -80,6 +80,11 @@ def cache_key(kind: str, model, adapter, pool, max_length: int) -> str:
     digest = hashlib.sha256()
     for part in (kind, str(model), str(adapter), pool.format, str(max_length)):
         digest.update(part.encode() + b"\0")
+    if adapter is not None:  # retrained in place: other files, or the same ones rewritten
+        for file in sorted(Path(adapter).rglob("*")):
+            if file.is_file():
+                stat = file.stat()
+                digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     files = sorted(pool.path.rglob("*")) if pool.path.is_dir() else [pool.path]
     for file in files:
         if file.is_file():

@@ -1,12 +1,12 @@
 """`dedup`: drop near-duplicates by embedding similarity (Deita's Repr Filter).
 
-The pool is walked in order (its own, or by a score file's scores with `--order`), and a
-record is kept only if the cosine similarity of its embedding to every record already
-kept is at most `--threshold` (Deita: 0.9), until the budget is met. Embeddings are the
-mean of the model's final hidden states over the record's tokens, centred on the pool's
-mean: a language model's hidden states share a large common direction, so that
-uncentred, nearly every pair of records is above 0.9 (on examples/select/pool.jsonl,
-SmolLM2's keep 10 of 3,300 uncentred and 743 centred).
+The pool is walked in its own order, and a record is kept only if the cosine similarity
+of its embedding to every record already kept is at most `--threshold` (Deita: 0.9),
+until the budget is met. Embeddings are the mean of the model's final hidden states
+over the record's tokens, centred on the pool's mean: a language model's hidden states
+share a large common direction, so that uncentred, nearly every pair of records is
+above 0.9 (on examples/select/pool.jsonl, SmolLM2's keep 10 of 3,300 uncentred and 743
+centred).
 """
 
 from __future__ import annotations

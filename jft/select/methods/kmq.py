@@ -10,7 +10,7 @@ example's targets under the model (`--quality perplexity`), or none (a uniform d
 
 Iterative kMQ (`--iterations N`, N > 1): the budget is taken in N rounds of b/N. After
 each round but the last, LoRA trains one epoch on everything chosen so far
-(`--train-config`, a `jft.train` config; its data.train and steps are set here), the
+(`--train-config`, a `jft.train` config; its model, data.train and steps are set here), the
 model answers the round's prompts greedily, and each gets the gap S = NLL(gold answer)
 − NLL(its own answer) under the trained model: how far the gold answer still is from
 what the model says (the paper's score(x ⊕ y_gold) − score(x ⊕ y_gen), with the model's
@@ -80,7 +80,10 @@ class KMeansQuality(SelectionMethod):
             return None
         if option != "perplexity":
             raise JftError(f"--quality {option!r}; valid: perplexity, none")
-        return -context.losses()
+        quality = -context.losses()
+        # An example cut to no target token (--max-length) has no loss: the lowest quality.
+        finite = np.isfinite(quality)
+        return np.where(finite, quality, quality[finite].min() if finite.any() else 0.0)
 
     def iterate(self, context: Context, labels, k: int, quality):
         """Iterative kMQ: (the chosen indices, the final cluster weights)."""
@@ -91,10 +94,10 @@ class KMeansQuality(SelectionMethod):
         from jft.select.training import steps_for, train_run
 
         options, model, pool = context.options, context.model, context.pool
-        if options.train_config is None:
-            raise JftError("--iterations > 1 trains between rounds: give --train-config, a "
-                           "jft.train config (its data.train and train.steps are set here)")
-        raw = yaml.safe_load(Path(options.train_config).read_text())
+        if pool.prompts is None:
+            raise JftError(f"{pool.path}: format text has no prompts to answer; iterative "
+                           "kmq needs prompt_completion or chat data")
+        raw = {**yaml.safe_load(Path(options.train_config).read_text()), "model": options.model}
         rounds, weights = options.iterations, np.full(k, 1.0 / k)
         taken = np.zeros(len(pool), bool)
         chosen: list[int] = []
@@ -130,9 +133,6 @@ class KMeansQuality(SelectionMethod):
         from jft.training.data import TokenizedExamples
 
         pool, model = context.pool, context.model
-        if pool.prompts is None:
-            raise JftError(f"{pool.path}: format text has no prompts to answer; iterative "
-                           "kmq needs prompt_completion or chat data")
 
         def subset(examples):
             return TokenizedExamples.from_examples(examples[int(i)] for i in rows)

@@ -60,7 +60,7 @@ class Less(SelectionMethod):
                          report=[f"less: checkpoints {steps}; dim {options.dim}"])
 
     def checkpoints(self, context: Context) -> list[Checkpoint]:
-        from jft.formats.adapters import read_adapter
+        from jft.formats.adapters import load_adapter
 
         model, options = context.model, context.options
         if options.adapter is None:
@@ -68,10 +68,10 @@ class Less(SelectionMethod):
         path = Path(options.adapter)
         if (path / "checkpoints").is_dir():
             return run_checkpoints(path, model.config, model.params)
-        _, (adapter,) = read_adapter(path, model.params, model.config)
-        if adapter.method != "lora":
-            raise JftError(f"--adapter {path}: method {adapter.method}; LESS takes the "
-                           "gradients of a LoRA adapter")
+        params, (adapter,) = load_adapter(path, model.params, model.config)
+        if adapter.method != "lora" or params is not model.params:
+            raise JftError(f"--adapter {path}: LESS takes the gradients of a LoRA adapter over "
+                           "the unchanged base (not PiSSA-like inits, which rewrite it)")
         return [Checkpoint(adapter, None, 1.0)]
 
     def warm_up(self, context: Context) -> Path:
@@ -90,7 +90,8 @@ class Less(SelectionMethod):
         if not data.exists():
             write_subset(pool.path, chosen, data)
         if options.warmup_config:
-            raw = yaml.safe_load(Path(options.warmup_config).read_text())
+            raw = {**yaml.safe_load(Path(options.warmup_config).read_text()),
+                   "model": options.model}
         else:
             epoch = steps_for(count, options.warmup_batch_size, 1)
             raw = {"model": options.model, "method": WARMUP_METHOD,
