@@ -62,6 +62,7 @@ train:
   warmup_steps: 50
   min_lr_ratio: 0.1
   weight_decay: 0.01
+  weight_decay_on: [b]
   grad_clip: 0.5
   optimizer: adamw
   beta1: 0.9
