@@ -106,8 +106,6 @@ def run_checkpoints(run_dir: str | os.PathLike, model: ModelConfig, params
     """Every finished checkpoint of a `jft.train` run of a single adapter, with Adam's
     moments when it trained with AdamW, weighted by the mean learning rate of the steps
     since the previous checkpoint (LESS's η̄ᵢ), the weights summing to 1."""
-    import orbax.checkpoint as ocp
-
     from jft.peft import get_method
     from jft.peft.optim import masked_optimizer
     from jft.training.checkpoints import RunCheckpoints, read_run_adapter
@@ -124,16 +122,17 @@ def run_checkpoints(run_dir: str | os.PathLike, model: ModelConfig, params
     raw, _ = read_config_file(str(run_dir / "config.yaml"))
     raw.pop("fingerprint", None)
     config = from_dict(raw, source=str(run_dir / "config.yaml"), check_paths=False)
-    steps = sorted(ocp.CheckpointManager(run_dir / "checkpoints").all_steps())
-    if not steps:
-        raise JftError(f"{run_dir}/checkpoints: holds no finished checkpoint")
-    schedule = build_schedule(config.train)
-    rates = [float(np.mean([schedule(s) for s in range(start, stop)]))
-             for start, stop in zip([0, *steps[:-1]], steps, strict=True)]
-    adam = config.train.optimizer == "adamw"
-    store = RunCheckpoints(run_dir / "checkpoints", keep=len(steps) + 1)
+    # Read only; a large `keep` so that nothing could ever be pruned from the run.
+    store = RunCheckpoints(run_dir / "checkpoints", keep=1_000_000)
     checkpoints = []
     try:
+        steps = sorted(store.manager.all_steps())
+        if not steps:
+            raise JftError(f"{run_dir}/checkpoints: holds no finished checkpoint")
+        schedule = build_schedule(config.train)
+        rates = [float(np.mean(np.asarray(schedule(jnp.arange(start, stop)))))
+                 for start, stop in zip([0, *steps[:-1]], steps, strict=True)]
+        adam = config.train.optimizer == "adamw"
         for step, rate in zip(steps, rates, strict=True):
             method, method_config, delta = read_run_adapter(
                 run_dir / "checkpoints" / str(step), model)
