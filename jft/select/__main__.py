@@ -120,8 +120,6 @@ def select(args):
 
     started = time.perf_counter()
     method = get_method(args.method)
-    if args.batch_size < 1 or args.max_length < 2:
-        raise JftError("--batch-size must be at least 1 and --max-length at least 2")
     check_options(args)
     out, scores_path = output_paths(args.pool, args.out)
     if method.needs_target and args.target is None:
