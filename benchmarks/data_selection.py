@@ -8,7 +8,7 @@ The pool (examples/select/) holds 300 clean examples of the quickstart task (ISO
 DD/MM/YYYY), 600 of the same prompt with wrong answers and 2,400 of eight other tasks;
 the target is 16 clean examples. Each method chooses 5% and 10% of the pool through the
 CLI (SmolLM2-135M-Instruct scores; `--cache-dir` shares embeddings and losses between
-methods), and the report gives the share of chosen records that are clean on-task ones
+methods, and one LESS warm-up and its scores between the budgets), and the report gives the share of chosen records that are clean on-task ones
 (from examples/select/pool_labels.jsonl, which no method reads). Then the quickstart
 config trains unchanged on each subset (`data.train=SUBSET`) and its final eval exact
 match on examples/quickstart/eval.jsonl (32 held-out dates) is recorded. Every result is
@@ -58,7 +58,7 @@ def main() -> int:
                      "--pool", str(POOL), "--target", str(TARGET), "--method", method,
                      "--budget", budget, "--out", str(subset), "--max-length", "96",
                      "--batch-size", "32", "--cache-dir", str(work / "cache"),
-                     *EXTRA.get(method, [])])
+                     "--work-dir", str(work / f"{method}-work"), *EXTRA.get(method, [])])
                 record["select_s"] = round(time.perf_counter() - started, 1)
                 chosen = [json.loads(line)["index"] for line in
                           subset.with_name(subset.stem + ".scores.jsonl").read_text().splitlines()

@@ -214,10 +214,19 @@ def test_less_warms_up_on_the_pool_and_scores_each_checkpoint(tiny, tmp_path, ca
     assert (tmp_path / "subset.jsonl.work/less-warmup/run/checkpoints").is_dir()
     values = [s["score"] for s in scores]
     assert all(-1 <= v <= 1 for v in values) and len(set(values)) == len(values)
-    # The run is an adapter: given back with --adapter, it scores the same.
-    _, again = select(tiny, tmp_path, "less", "--dim", "64", "--adapter",
-                      str(tmp_path / "subset.jsonl.work/less-warmup/run"), out="again.jsonl")
+    # The run is an adapter: given back with --adapter, it scores the same; with
+    # --cache-dir a second run reads the scores the first stored.
+    run = str(tmp_path / "subset.jsonl.work/less-warmup/run")
+    cache = str(tmp_path / "cache")
+    _, again = select(tiny, tmp_path, "less", "--dim", "64", "--adapter", run, "--cache-dir",
+                      cache, out="again.jsonl")
     np.testing.assert_allclose([s["score"] for s in again], values, rtol=1e-5, atol=1e-6)
+    (stored,) = (tmp_path / "cache").iterdir()
+    assert stored.name.startswith("less-dim64-seed0-")
+    np.save(stored, np.arange(len(values), dtype=np.float64))  # what the cache says counts
+    _, cached = select(tiny, tmp_path, "less", "--dim", "64", "--adapter", run, "--cache-dir",
+                       cache, out="cached.jsonl")
+    assert [s["score"] for s in cached] == list(range(len(values)))
     # A PEFT adapter is one checkpoint, with plain gradients (no optimiser state).
     from jft.export import main as export
 

@@ -44,25 +44,26 @@ class Context:
         from jft.select.features import embeddings
 
         pool = self.pool if of == "pool" else self.target
-        return self._cached(f"embeddings-{of}", pool, lambda: embeddings(
+        return self.cached(f"embeddings-{of}", lambda: embeddings(
             self.model.config, self.model.params, self.adapters, pool.examples,
-            batch_size=self.batch_size, desc=f"embeddings: {of}"))
+            batch_size=self.batch_size, desc=f"embeddings: {of}"), pool=pool)
 
     def losses(self, part: str = "examples") -> np.ndarray:
         """[N] mean target cross-entropy of the pool's examples, or of their answers alone."""
         from jft.select.features import target_losses
 
-        return self._cached(f"losses-{part}", self.pool, lambda: target_losses(
+        return self.cached(f"losses-{part}", lambda: target_losses(
             self.model.config, self.model.params, self.adapters, getattr(self.pool, part),
             batch_size=self.batch_size, desc=f"losses: {part}"))
 
-    def _cached(self, kind: str, pool, compute) -> np.ndarray:
+    def cached(self, kind: str, compute, sources=(), pool=None) -> np.ndarray:
         """`compute()`, read from `cache_dir` where an earlier run stored it for the same
-        model, adapter, data file (by content), format and max length."""
+        `kind`, model, adapter, pool (by content), format and max length, and the same
+        files under `sources` (by name, size and time)."""
         if self.cache_dir is None:
             return compute()
-        key = cache_key(kind, self.model.source, self.options.adapter, pool,
-                        self.options.max_length)
+        key = cache_key(kind, self.model.source, [self.options.adapter, *sources],
+                        pool or self.pool, self.options.max_length)
         path = Path(self.cache_dir) / f"{kind}-{key}.npy"
         if path.is_file():
             return np.load(path, allow_pickle=False)
@@ -74,14 +75,17 @@ class Context:
         return values
 
 
-def cache_key(kind: str, model, adapter, pool, max_length: int) -> str:
+def cache_key(kind: str, model, sources, pool, max_length: int) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for part in (kind, str(model), str(adapter), pool.format, str(max_length)):
+    for part in (kind, str(model), *map(str, sources), pool.format, str(max_length)):
         digest.update(part.encode() + b"\0")
-    if adapter is not None:  # retrained in place: other files, or the same ones rewritten
-        for file in sorted(Path(adapter).rglob("*")):
+    for source in sources:  # an adapter retrained in place: other files, or rewritten ones
+        if source is None:
+            continue
+        source = Path(source)
+        for file in sorted(source.rglob("*")) if source.is_dir() else [source]:
             if file.is_file():
                 stat = file.stat()
                 digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())

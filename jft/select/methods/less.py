@@ -36,8 +36,21 @@ class Less(SelectionMethod):
     summary = "gradient similarity to the target through a LoRA warm-up (needs --target)"
 
     def select(self, context: Context) -> Selection:
+        options = context.options
+        run = Path(options.adapter) if options.adapter else self.warm_up(context)
+        checkpoints = self.checkpoints(context, run)
+        steps = ", ".join(f"{c.step if c.step is not None else 'adapter'} "
+                          f"(weight {c.weight:.3f}{', Adam' if c.moments else ''})"
+                          for c in checkpoints)
+        # Cached with --cache-dir: the same warm-up, target, dim and seed score the same.
+        scores = context.cached(f"less-dim{options.dim}-seed{context.seed}",
+                                lambda: self.scores(context, checkpoints),
+                                sources=[run, context.target.path])
+        return Selection(top(scores, context.budget), scores,
+                         report=[f"less: checkpoints {steps}; dim {options.dim}"])
+
+    def scores(self, context: Context, checkpoints: list[Checkpoint]) -> np.ndarray:
         model, options = context.model, context.options
-        checkpoints = self.checkpoints(context)
         scores = np.zeros(len(context.pool))
         for number, checkpoint in enumerate(checkpoints, 1):
             where = f"less: checkpoint {number} of {len(checkpoints)}"
@@ -53,19 +66,12 @@ class Less(SelectionMethod):
                     dim=options.dim, seed=context.seed, batch_size=context.batch_size,
                     desc=f"{where}, pool"):
                 scores[rows] += checkpoint.weight * (features @ mean_target)
-        steps = ", ".join(f"{c.step if c.step is not None else 'adapter'} "
-                          f"(weight {c.weight:.3f}{', Adam' if c.moments else ''})"
-                          for c in checkpoints)
-        return Selection(top(scores, context.budget), scores,
-                         report=[f"less: checkpoints {steps}; dim {options.dim}"])
+        return scores
 
-    def checkpoints(self, context: Context) -> list[Checkpoint]:
+    def checkpoints(self, context: Context, path: Path) -> list[Checkpoint]:
         from jft.formats.adapters import load_adapter
 
-        model, options = context.model, context.options
-        if options.adapter is None:
-            return run_checkpoints(self.warm_up(context), model.config, model.params)
-        path = Path(options.adapter)
+        model = context.model
         if (path / "checkpoints").is_dir():
             return run_checkpoints(path, model.config, model.params)
         params, (adapter,) = load_adapter(path, model.params, model.config)
