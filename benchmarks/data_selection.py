@@ -8,12 +8,17 @@ The pool (examples/select/) holds 300 clean examples of the quickstart task (ISO
 DD/MM/YYYY), 600 of the same prompt with wrong answers and 2,400 of eight other tasks;
 the target is 16 clean examples. Each method chooses 5% and 10% of the pool through the
 CLI (SmolLM2-135M-Instruct scores; `--cache-dir` shares embeddings and losses between
-methods, and one LESS warm-up and its scores between the budgets), and the report gives the share of chosen records that are clean on-task ones
-(from examples/select/pool_labels.jsonl, which no method reads). Then the quickstart
-config trains unchanged on each subset (`data.train=SUBSET`) and its final eval exact
-match on examples/quickstart/eval.jsonl (32 held-out dates) is recorded. Every result is
-written to the JSON as soon as it exists, so a run cut short keeps what it finished;
-rerun with the same --json and --work to continue.
+methods, and one LESS warm-up and its scores between the budgets), and the record keeps
+the share of chosen records that are clean on-task ones (from
+examples/select/pool_labels.jsonl, which no method reads). Then the quickstart config
+trains unchanged on each subset (`data.train=SUBSET`) and its final eval exact match on
+examples/quickstart/eval.jsonl (32 held-out dates) is recorded. Every result is written
+to the JSON as soon as it exists, so a run cut short keeps what it finished; rerun with
+the same --json and --work to continue. `--table` prints the markdown table (clean,
+wrong-answer and other-task shares of each subset) from the JSON and the work folder.
+
+Active learning is `python -m jft.select active examples/select/active.yaml` and the
+same with `strategy=random` (docs/selection.md).
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ def main() -> int:
     parser.add_argument("--json", required=True)
     parser.add_argument("--work", default="runs/select-benchmark")
     parser.add_argument("--no-train", action="store_true", help="selection only")
+    parser.add_argument("--table", action="store_true",
+                        help="print the markdown table of what --json and --work hold")
     args = parser.parse_args()
+    if args.table:
+        return table(Path(args.json), Path(args.work))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.json)
@@ -76,6 +85,26 @@ def main() -> int:
                                          if "eval_exact_match" in m][-1]
                 save(out, results, done, record)
             print(json.dumps(record), flush=True)
+    return 0
+
+
+def table(out: Path, work: Path) -> int:
+    """One row per method and budget: what the subset holds (clean on-task, on-task with
+    wrong answers, other tasks) and the exact match after training on it."""
+    kinds = [json.loads(line)["kind"] for line in LABELS.read_text().splitlines()]
+    print("| method | budget | clean on-task | on-task, wrong answers | other tasks "
+          "| exact match | selection time |")
+    print("|---|---|---|---|---|---|---|")
+    for record in json.loads(out.read_text())["runs"]:
+        subset = work / f"{record['method']}-{record['budget'].rstrip('%')}.scores.jsonl"
+        chosen = [kinds[json.loads(line)["index"]] for line in subset.read_text().splitlines()
+                  if json.loads(line)["selected"]]
+        shares = [f"{chosen.count(kind) / len(chosen):.1%}"
+                  for kind in ("clean", "noisy", "off_task")]
+        exact = record.get("exact_match")
+        print(f"| {record['method']} | {record['budget']} ({len(chosen)}) | "
+              + " | ".join(shares)
+              + f" | {'-' if exact is None else f'{exact:.3f}'} | {record['select_s']:.0f} s |")
     return 0
 
 
