@@ -42,10 +42,13 @@ class Less(SelectionMethod):
         steps = ", ".join(f"{c.step if c.step is not None else 'adapter'} "
                           f"(weight {c.weight:.3f}{', Adam' if c.moments else ''})"
                           for c in checkpoints)
-        # Cached with --cache-dir: the same warm-up, target, dim and seed score the same.
+        # Cached with --cache-dir: the same checkpoints, target, dim and seed score the
+        # same. A run is keyed by its checkpoints alone: resuming a finished warm-up
+        # rewrites its other files.
+        weights = run / "checkpoints" if (run / "checkpoints").is_dir() else run
         scores = context.cached(f"less-dim{options.dim}-seed{context.seed}",
                                 lambda: self.scores(context, checkpoints),
-                                sources=[run, context.target.path])
+                                sources=[weights, context.target.path])
         return Selection(top(scores, context.budget), scores,
                          report=[f"less: checkpoints {steps}; dim {options.dim}"])
 
