@@ -199,14 +199,11 @@ class ActiveLearning:
         return np.concatenate([np.sort(first), *bought]).astype(np.int64)
 
     def _train(self, folder: Path, labelled: np.ndarray) -> tuple[dict, Path]:
-        from jft.select.pool import write_subset
+        from jft.select.pool import subset_file
         from jft.select.training import steps_for, train_run
 
         config = self.config
-        folder.mkdir(parents=True, exist_ok=True)
-        data = folder / f"labelled{self.pool.path.suffix}"
-        if not data.exists():
-            write_subset(self.pool.path, labelled, data)
+        data = subset_file(self.pool.path, labelled, folder, "labelled")
         raw = json.loads(json.dumps(config.train))
         raw["model"] = config.model
         train = raw.setdefault("train", {})

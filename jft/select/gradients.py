@@ -51,16 +51,11 @@ class Checkpoint:
         return Checkpoint(self.adapter, None, self.weight, self.step)
 
 
-def example_gradients(model: ModelConfig, params, adapter: Adapter, batch, checkpoint_moments
-                      ) -> object:
+@partial(jax.jit, static_argnums=0)
+def example_gradients(model: ModelConfig, params, adapter: Adapter, batch, moments) -> object:
     """The trainable part of `adapter`'s gradient, one per row [B, ...], as Adam would
     precondition it (LESS: m' = b1·m + (1−b1)·g, v' = b2·v + (1−b2)·g², m'/sqrt(v' + eps))
-    when moments are given."""
-    return _example_gradients(model, params, adapter, batch, checkpoint_moments)
-
-
-@partial(jax.jit, static_argnums=0)
-def _example_gradients(model, params, adapter, batch, moments):
+    when `moments` (mu, nu, b1, b2) are given."""
     (trainable,), (frozen,) = partition([adapter])
 
     def row_loss(part, row):
@@ -93,7 +88,7 @@ def gradient_features(model: ModelConfig, params, checkpoint: Checkpoint,
 
 @partial(jax.jit, static_argnums=(0, 5, 6))
 def _features(model, params, adapter, batch, moments, dim, seed):
-    projected = project(_example_gradients(model, params, adapter, batch, moments), dim, seed)
+    projected = project(example_gradients(model, params, adapter, batch, moments), dim, seed)
     norms = jnp.linalg.norm(projected, axis=1, keepdims=True)
     return projected / jnp.maximum(norms, 1e-12)
 

@@ -191,6 +191,16 @@ def write_subset(pool: Path, indices: np.ndarray, out: Path) -> None:
     os.replace(partial, out)
 
 
+def subset_file(pool: Path, indices, folder: Path, name: str) -> Path:
+    """`folder/name` + the pool's suffix holding the pool's records at `indices`, written
+    once: a rerun finds it (what a resumed training run must read again)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{'' if pool.is_dir() else pool.suffix}"
+    if not path.exists():
+        write_subset(pool, indices, path)
+    return path
+
+
 def write_scores(path: Path, scores: np.ndarray, clusters: np.ndarray | None,
                  selected: np.ndarray) -> None:
     """One line per pool record: its index, score (null where the method gave none),

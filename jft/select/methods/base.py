@@ -109,7 +109,6 @@ class Selection:
 class SelectionMethod:
     name: ClassVar[str]
     needs_target: ClassVar[bool] = False
-    summary: ClassVar[str] = ""
 
     def select(self, context: Context) -> Selection:
         raise NotImplementedError

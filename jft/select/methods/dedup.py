@@ -20,7 +20,6 @@ from jft.select.methods.base import Context, Selection, SelectionMethod, registe
 @register
 class Dedup(SelectionMethod):
     name = "dedup"
-    summary = "the first records not within --threshold cosine similarity of one kept"
 
     def select(self, context: Context) -> Selection:
         vectors = context.embeddings()

@@ -18,7 +18,6 @@ from jft.select.transport import got_d_scores
 class GotD(SelectionMethod):
     name = "got-d"
     needs_target = True
-    summary = "the most negative OT gradients toward the target (needs --target)"
 
     def select(self, context: Context) -> Selection:
         options = context.options

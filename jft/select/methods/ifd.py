@@ -28,7 +28,6 @@ def ifd_scores(context: Context) -> np.ndarray:
 @register
 class InstructionFollowingDifficulty(SelectionMethod):
     name = "ifd"
-    summary = "the highest instruction-following difficulty below --ifd-max"
 
     def select(self, context: Context) -> Selection:
         scores = ifd_scores(context)

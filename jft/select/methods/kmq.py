@@ -36,7 +36,6 @@ CLUSTER_CANDIDATES = (4, 8, 16, 32, 64, 128)
 @register
 class KMeansQuality(SelectionMethod):
     name = "kmq"
-    summary = "k-means over embeddings, a quality-weighted draw from every cluster"
 
     def select(self, context: Context) -> Selection:
         options, pool = context.options, context.pool
@@ -90,7 +89,7 @@ class KMeansQuality(SelectionMethod):
         import yaml
 
         from jft.formats.adapters import load_adapter
-        from jft.select.pool import write_subset
+        from jft.select.pool import subset_file
         from jft.select.training import steps_for, train_run
 
         options, model, pool = context.options, context.model, context.pool
@@ -115,10 +114,7 @@ class KMeansQuality(SelectionMethod):
             if round_number == rounds - 1:
                 break
             work = context.work_dir / f"kmq-round-{round_number + 1}"
-            work.mkdir(parents=True, exist_ok=True)
-            data = work / f"data{pool.path.suffix if not pool.path.is_dir() else ''}"
-            if not data.exists():
-                write_subset(pool.path, np.asarray(chosen), data)
+            data = subset_file(pool.path, np.asarray(chosen), work, "data")
             batch = raw.get("train", {}).get("batch_size", 8)
             round_raw = {**raw, "train": {**raw.get("train", {}),
                                           "steps": steps_for(len(chosen), batch, 1)}}

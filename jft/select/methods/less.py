@@ -33,7 +33,6 @@ WARMUP_METHOD = {"name": "lora", "r": 8, "alpha": 32, "dropout": 0.1,
 class Less(SelectionMethod):
     name = "less"
     needs_target = True
-    summary = "gradient similarity to the target through a LoRA warm-up (needs --target)"
 
     def select(self, context: Context) -> Selection:
         options = context.options
@@ -87,17 +86,14 @@ class Less(SelectionMethod):
         """Trains the warm-up adapter on a random slice of the pool; returns its run."""
         import yaml
 
-        from jft.select.pool import write_subset
+        from jft.select.pool import subset_file
         from jft.select.training import steps_for, train_run
 
         options, pool = context.options, context.pool
         count = max(1, round(options.warmup_fraction * len(pool)))
         chosen = np.random.default_rng(context.seed).choice(len(pool), count, replace=False)
         work = context.work_dir / "less-warmup"
-        work.mkdir(parents=True, exist_ok=True)
-        data = work / f"data{pool.path.suffix if not pool.path.is_dir() else ''}"
-        if not data.exists():
-            write_subset(pool.path, chosen, data)
+        data = subset_file(pool.path, chosen, work, "data")
         if options.warmup_config:
             raw = {**yaml.safe_load(Path(options.warmup_config).read_text()),
                    "model": options.model}

@@ -17,7 +17,6 @@ from jft.select.methods.base import Context, Selection, SelectionMethod, registe
 @register
 class Perplexity(SelectionMethod):
     name = "perplexity"
-    summary = "the lowest (--keep low) or highest (--keep high) target perplexity"
 
     def select(self, context: Context) -> Selection:
         keep = context.options.keep

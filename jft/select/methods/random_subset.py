@@ -10,7 +10,6 @@ from jft.select.methods.base import Context, Selection, SelectionMethod, registe
 @register
 class RandomSubset(SelectionMethod):
     name = "random"
-    summary = "a seeded uniformly random subset (the baseline)"
 
     def select(self, context: Context) -> Selection:
         scores = np.random.default_rng(context.seed).random(len(context.pool))
